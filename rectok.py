@@ -1,0 +1,1164 @@
+"""
+rectok.py: the whole RecTok method in one file.
+
+RecTok: Reconstruction Distillation along Rectified Flow (Shi et al., arXiv 2512.13421, CVPR 2026).
+A plain-ViT KL tokenizer whose latent stays semantically rich at every point of the forward flow between
+latent and noise (Flow Semantic Distillation, FSD) and under masking (Reconstruction-Alignment Distillation,
+RAD), plus the DiT^DH generator and the rectified-flow sampler that are trained on that latent.
+
+The file reads top to bottom in the paper's order:
+  1. building blocks      RMSNorm, the two RoPE recipes, attention, SwiGLU, one ViT body
+  2. tokenizer            encoder, diagonal Gaussian posterior, pixel decoder, semantic decoder
+  3. FSD and RAD          the flow and its shift, the frozen teacher, masking, the stage-1 forward pass
+  4. losses               pixel, LPIPS-VGG, ConvNeXt logits, PatchGAN, KL, semantic cosine
+  5. DiT^DH               Fourier time embedding, adaLN-Zero blocks, the wide shallow DDT head
+  6. rectified flow       velocity loss, time grid, Euler/Heun, CFG, AutoGuidance
+  7. data                 ADM centre crop, ImageNet subset, procedural shapes
+  8. presets, checkpoints configs, loading the released checkpoints, training helpers
+
+Written against the official code (github.com/Shi-qingyu/RecTok at ee87aaf), with ideas from nanoGPT
+(blocks, training loop), DiT (adaLN-Zero, file layout), MAE (masking), minRF and SiT (flow, sampler).
+Where this file departs from the official code it says so; README.md lists every difference.
+Tests: python -m pytest -q test_rectok.py
+"""
+import json
+import math
+import os
+import warnings
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields, replace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+# Tensor letters used in shape comments: B batch, L tokens (h*w grid), Lv visible tokens, D width,
+# H heads, Dh head width, C latent channels, Dt teacher width, p patch size.
+
+# =====================================================================================================
+# 1. Building blocks
+# =====================================================================================================
+
+
+def RMSNorm(dim):
+    """RMSNorm with eps 1e-6 and a learnable weight, the norm of every transformer in RecTok and DiT^DH."""
+    return nn.RMSNorm(dim, eps=1e-6)
+
+
+def rotate_half(x):
+    """Interleaved RoPE rotation shared by both recipes: (x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...)."""
+    x = x.unflatten(-1, (-1, 2))                                           # (..., Dh/2, 2)
+    return torch.stack((-x[..., 1], x[..., 0]), dim=-1).flatten(-2)        # (..., Dh)
+
+
+def apply_rope(x, rope):
+    """x: (B, H, L, Dh); rope: (2, L, Dh) [cos; sin] shared by the batch, or (2, B, L, Dh) per sample."""
+    cos, sin = rope[0], rope[1]
+    if cos.dim() == 3:                                                     # per-sample rows (masked encoder)
+        cos, sin = cos[:, None], sin[:, None]
+    return x * cos + rotate_half(x) * sin
+
+
+def tokenizer_rope(head_dim, grid):
+    """The tokenizer's 2-D RoPE table, exactly as the official `get_rope_tensor` builds it.
+
+    It is not a true rotation (kept for checkpoint parity): coordinates are normalised to [0, 1], frequencies
+    run geometrically from 7 down to 7e-4 cycles, and the frequency list is repeated rather than interleaved,
+    so the two channels of a rotated pair get different frequencies. Returns (2, grid*grid, head_dim).
+    """
+    f = 7.0 * (7.0 / 7e-4) ** torch.linspace(0, -1, head_dim // 4)        # (Dh/4,)
+    f = torch.cat([f, f])                                                  # (Dh/2,)
+    freqs = torch.zeros(2, head_dim)
+    freqs[0, : head_dim // 2], freqs[1, head_dim // 2:] = f, f             # row axis, column axis
+    coords = torch.cartesian_prod(torch.linspace(0, 1, grid), torch.linspace(0, 1, grid))  # (L, 2) row, col
+    angle = coords @ (freqs * 2 * math.pi)                                 # (L, Dh)
+    return torch.stack([angle.cos(), angle.sin()])
+
+
+def dit_rope(head_dim, grid, theta=10000.0):
+    """The DiT^DH's 2-D RoPE (EVA style, official `DDTVisionRotaryEmbeddingFast`): the first half of the
+    channels encodes the row, the second half the column, and each adjacent pair shares one frequency, so
+    this one is a proper rotation. Integer positions. Returns (2, grid*grid, head_dim)."""
+    d = head_dim // 2                                                      # channels per axis
+    freqs = 1.0 / theta ** (torch.arange(0, d, 2).float() / d)             # (d/2,)
+    ang = (torch.arange(grid).float()[:, None] * freqs).repeat_interleave(2, dim=-1)   # (grid, d)
+    rows, cols = ang[:, None].expand(-1, grid, -1), ang[None].expand(grid, -1, -1)     # (grid, grid, d)
+    angle = torch.cat([rows, cols], dim=-1).reshape(grid * grid, head_dim)             # token n = row*grid + col
+    return torch.stack([angle.cos(), angle.sin()])
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with RoPE on q and k, through F.scaled_dot_product_attention."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)                                 # output layout (qkv, head, Dh)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, rope):
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, Dh)
+        q, k = apply_rope(q, rope).to(v.dtype), apply_rope(k, rope).to(v.dtype)  # fp32 tables, back to bf16
+        x = F.scaled_dot_product_attention(q, k, v)                        # (B, H, L, Dh)
+        return self.proj(x.transpose(1, 2).reshape(B, L, D))
+
+
+class SwiGLU(nn.Module):
+    """w3(SiLU(a) * b) with [a | b] = w12(x). Hidden width int(2/3 * 4 * dim) as official, = 8*dim // 3."""
+
+    def __init__(self, dim):
+        super().__init__()
+        hidden = 8 * dim // 3
+        self.w12 = nn.Linear(dim, 2 * hidden)
+        self.w3 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        a, b = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(a) * b)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block of the tokenizer."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.norm1, self.norm2 = RMSNorm(dim), RMSNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.mlp = SwiGLU(dim)
+
+    def forward(self, x, rope):
+        x = x + self.attn(self.norm1(x), rope)
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    """One ViT body for the encoder, the pixel decoder and the semantic decoder (the official code has three
+    near-copies). Learnable absolute positions AND RoPE, used together as in the official code."""
+
+    def __init__(self, size, grid):
+        super().__init__()
+        width, depth, heads = size
+        self.grid, self.width = grid, width
+        self.positional_embedding = nn.Parameter(torch.randn(1, grid * grid, width) * width**-0.5)
+        self.ln_pre = RMSNorm(width)
+        self.transformer = nn.ModuleList([Block(width, heads) for _ in range(depth)])
+        self.ln_post = RMSNorm(width)
+        self.register_buffer("rope", tokenizer_rope(width // heads, grid), persistent=False)
+
+    def body(self, x, ids_keep=None):
+        """x: (B, L, D) on the full grid. With ids_keep (B, Lv), only those tokens and their RoPE rows go on."""
+        x = x + self.positional_embedding
+        rope = self.rope                                                   # (2, L, Dh)
+        if ids_keep is not None:
+            x = x.gather(1, ids_keep[..., None].expand(-1, -1, x.shape[-1]))  # (B, Lv, D)
+            rope = rope[:, ids_keep]                                       # (2, B, Lv, Dh): each keeps its position
+        x = self.ln_pre(x)
+        for block in self.transformer:
+            x = block(x, rope)
+        return self.ln_post(x)
+
+
+# =====================================================================================================
+# 2. Tokenizer: encoder, posterior, pixel decoder, semantic decoder (paper Sec. 3, Fig. 2)
+# =====================================================================================================
+
+
+def unpatchify(x, p):
+    """(B, p*p*c, h, w) with channel k = (p1*p + p2)*c + colour  ->  (B, c, h*p, w*p), pixel (h*p+p1, w*p+p2)."""
+    B, K, h, w = x.shape
+    c = K // (p * p)
+    return x.view(B, p, p, c, h, w).permute(0, 3, 4, 1, 5, 2).reshape(B, c, h * p, w * p)
+
+
+class Encoder(ViT):
+    """Image in [-1, 1] (B, 3, H, W) -> posterior moments [mean | logvar] (B, Lv, 2C). No CLS or registers."""
+
+    def __init__(self, size, grid, patch, latent_dim):
+        super().__init__(size, grid)
+        self.patch_embed = nn.Conv2d(3, self.width, patch, stride=patch)
+        self.latent_head = nn.Linear(self.width, 2 * latent_dim)
+
+    def forward(self, img, ids_keep=None):
+        x = self.patch_embed(img).flatten(2).transpose(1, 2)               # (B, L, D), token n = row*w + col
+        return self.latent_head(self.body(x, ids_keep))                    # (B, Lv, 2C)
+
+
+class Decoder(ViT):
+    """Latent tokens -> full-grid features. Given ids_restore, the input holds only the visible tokens (in
+    ids_keep order) and the masked slots are filled with this decoder's own mask token (RAD)."""
+
+    def __init__(self, size, grid, latent_dim):
+        super().__init__(size, grid)
+        self.embed = nn.Linear(latent_dim, self.width)
+        self.mask_token = nn.Parameter(torch.randn(1, 1, self.width) * self.width**-0.5)
+
+    def restore(self, z, ids_restore=None):
+        x = self.embed(z)                                                  # (B, Lv, D)
+        if ids_restore is not None:
+            B, Lv, D = x.shape
+            # The official decoders append one mask token too many (a leftover of MAE's CLS); we append L - Lv.
+            x = torch.cat([x, self.mask_token.expand(B, ids_restore.shape[1] - Lv, D)], dim=1)  # (B, L, D)
+            x = x.gather(1, ids_restore[..., None].expand(-1, -1, D))      # unshuffle to grid order
+        return self.body(x)
+
+
+class PixelDecoder(Decoder):
+    """Latent (B, Lv, C) -> image (B, 3, H, W) on the [-1, 1] scale: ViT, 1x1 conv to p*p*3 channels per
+    token, pixel shuffle, then a 3x3 conv. No output activation."""
+
+    def __init__(self, size, grid, patch, latent_dim):
+        super().__init__(size, grid, latent_dim)
+        self.patch = patch
+        self.ffn = nn.Conv2d(self.width, patch * patch * 3, 1)             # official name kept
+        self.conv_out = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, z, ids_restore=None):
+        x = self.restore(z, ids_restore)                                   # (B, L, D)
+        x = x.transpose(1, 2).unflatten(2, (self.grid, self.grid))         # (B, D, h, w)
+        return self.conv_out(unpatchify(self.ffn(x), self.patch))          # (B, 3, H, W)
+
+
+class SemanticDecoder(Decoder):
+    """The deliberately tiny transformer of FSD/RAD: latent (B, Lv, C) -> teacher features (B, L, Dt).
+    Training only. It is small so that the semantics have to live in the latent, not in the decoder."""
+
+    def __init__(self, size, grid, latent_dim, teacher_dim):
+        super().__init__(size, grid, latent_dim)
+        self.out = nn.Linear(self.width, teacher_dim)
+
+    def forward(self, z, ids_restore=None):
+        return self.out(self.restore(z, ids_restore))                      # (B, L, Dt)
+
+
+def kl_divergence(mean, logvar):
+    """KL(N(mean, exp(logvar)) || N(0, I)), summed over tokens and channels, averaged over the batch."""
+    return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum() / mean.shape[0]
+
+
+class RecTok(nn.Module):
+    """The tokenizer. At inference only the encoder and the pixel decoder are used; the semantic decoder
+    exists for stage-1 training (teacher_dim > 0). The latent statistics are persistent buffers, measured on
+    data after training (official code keeps them out of every checkpoint), so a checkpoint carries them."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.grid = cfg.img_size // cfg.patch_size
+        C = cfg.latent_dim
+        self.encoder = Encoder(cfg.encoder, self.grid, cfg.patch_size, C)
+        self.decoder = PixelDecoder(cfg.decoder, self.grid, cfg.patch_size, C)
+        self.sem_decoder = SemanticDecoder(cfg.sem_decoder, self.grid, C, cfg.teacher_dim) if cfg.teacher_dim else None
+        self.register_buffer("latent_mean", torch.zeros(C))
+        self.register_buffer("latent_std", torch.ones(C))
+        self.shift = flow_shift(self.grid, C)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        # Encoder and pixel decoder: N(0, 0.02) for every Linear/Conv, zero bias (official `_init_weights`;
+        # its truncation at +-2 is absolute, so it never bites). Position embeddings and the pixel mask token
+        # keep their randn * width^-0.5 from the constructor; RMSNorm weights are 1.
+        def init(m):
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.encoder.apply(init)
+        self.decoder.apply(init)
+        # Semantic decoder: the official `_init_weights` runs before it is built, so its layers keep the
+        # PyTorch default init; its mask token starts at zero.
+        if self.sem_decoder is not None:
+            nn.init.zeros_(self.sem_decoder.mask_token)
+
+    def encode(self, img, ids_keep=None):
+        """Posterior per (visible) token: mean and clamped logvar (B, Lv, C), in fp32 (the official code leaves
+        them in bf16 under autocast; computing the posterior in fp32 is a clean-up)."""
+        mean, logvar = self.encoder(img, ids_keep).float().chunk(2, dim=-1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def tokens_to_grid(self, z):                                           # (B, L, C) -> (B, C, h, w)
+        return z.transpose(1, 2).unflatten(2, (self.grid, self.grid))
+
+    def normalize(self, z):
+        """Posterior latent tokens (B, L, C) -> the DiT's per-channel normalised latent (B, C, h, w)."""
+        return self.tokens_to_grid((z - self.latent_mean) / self.latent_std)
+
+    def decode(self, zn):
+        """Normalised latent (B, C, h, w) -> image in [0, 1] (B, 3, H, W)."""
+        z = zn.flatten(2).transpose(1, 2) * self.latent_std + self.latent_mean   # (B, L, C)
+        return (self.decoder(z).float() * 0.5 + 0.5).clamp(0, 1)
+
+    @torch.no_grad()
+    def reconstruct(self, img):
+        """Encode to the posterior mean, decode: image in [-1, 1] -> image in [0, 1]."""
+        return (self.decoder(self.encode(img)[0]).float() * 0.5 + 0.5).clamp(0, 1)
+
+    def forward(self, img, mask_ratio=0.0, noise=True):
+        """The training pass (paper Fig. 2). Returns the reconstruction (B, 3, H, W) on the [-1, 1] scale,
+        the semantic prediction (B, L, Dt) or None, and the KL term.
+        Stage 1: RAD masking, posterior sample, FSD noising, both decoders on the same x_t.
+        Decoder fine-tuning: mask_ratio=0, noise=False (the decoder still sees posterior samples)."""
+        B, L = img.shape[0], self.grid**2
+        ids_keep = ids_restore = None
+        if mask_ratio > 0:                                                 # RAD: encoder sees visible tokens only
+            ids_keep, ids_restore = random_masking(B, L, math.ceil(L * (1 - mask_ratio)), img.device)
+        mean, logvar = self.encode(img, ids_keep)                          # (B, Lv, C)
+        z = mean + (0.5 * logvar).exp() * torch.randn_like(mean)           # posterior sample
+        if noise:                                                          # FSD: a point on the forward flow
+            t = sample_t(B, self.shift, img.device)[:, None, None]         # (B, 1, 1), one t per image
+            z = t * z + (1 - t) * torch.randn_like(z)                      # x_t, unit noise on the raw latent
+        recon = self.decoder(z, ids_restore)                               # the whole image
+        sem = self.sem_decoder(z, ids_restore) if self.sem_decoder is not None else None  # all L tokens
+        return recon, sem, kl_divergence(mean, logvar)
+
+
+# =====================================================================================================
+# 3. Flow Semantic Distillation and Reconstruction-Alignment Distillation (paper Sec. 3.2, 3.3)
+# =====================================================================================================
+# Time convention of the whole project: t = 1 is data, t = 0 is noise,
+#     x_t = t * x_1 + (1 - t) * eps,   velocity v = dx_t/dt = x_1 - eps,   sampling integrates t from 0 to 1.
+# This is the paper's pipeline figure and the official DiT/SiT code. The official tokenizer writes its noise
+# with a noise level tau = 1 - t; the distribution and x_t are the same.
+#
+# The dimension-dependent shift (RAE; paper Sec. 3.2): t = shift_s(u), u ~ U(0, 1), with
+#     shift_s(u) = s*u / (1 + (s - 1)*u),   s = sqrt(4096 / (h*w*C)).
+# For the released 16x16x128 latent s = 1/sqrt(8): the median t is 0.26, most training mass near noise.
+# One formula serves the tokenizer's FSD noise, the DiT's training t and the sampling grid. It equals the
+# official code whenever h*w*C >= 4096 (every released model). For smaller latents the official DiT skips its
+# training shift and warps its sampling grid the other way, unlike its own tokenizer; we do not copy that.
+
+
+def flow_shift(grid, latent_dim):
+    return math.sqrt(4096 / (grid * grid * latent_dim))
+
+
+def shift_time(u, s):
+    return s * u / (1 + (s - 1) * u)
+
+
+def sample_t(n, s, device=None):
+    """n flow times from the shifted distribution (official: t = 1 - shift_{1/s}(u), the same law)."""
+    return shift_time(torch.rand(n, device=device), s)
+
+
+TEACHERS = {  # name -> (timm model, teacher patch size)
+    "dinov3_vitl16": ("vit_large_patch16_dinov3.lvd1689m", 16),           # the paper's teacher
+    "dinov3_vitb16": ("vit_base_patch16_dinov3.lvd1689m", 16),
+    "dinov3_vits16": ("vit_small_patch16_dinov3.lvd1689m", 16),
+    "dinov2_vitl14": ("vit_large_patch14_dinov2.lvd142m", 14),            # the official code's alternative
+    "dinov2_vitb14": ("vit_base_patch14_dinov2.lvd142m", 14),
+    "dinov2_vits14": ("vit_small_patch14_dinov2.lvd142m", 14),
+    "random": ("vit_small_patch16_dinov3", 16),                           # 2 random blocks: tests, offline smoke runs
+}
+
+
+class Teacher(nn.Module):
+    """Frozen vision foundation model (paper Sec. 3.2): patch-token features of the clean, unmasked image,
+    after the model's final norm, with CLS and register tokens dropped, at the input resolution that gives
+    the tokenizer's token grid. It is kept outside RecTok, so it is never in the tokenizer's state dict, EMA
+    or checkpoints (the official code saves it by accident). Input: the image normalised with ImageNet
+    statistics at full resolution (the official code also truncates to uint8 and resizes 256->224->256; we
+    feed the clean image)."""
+
+    def __init__(self, name, grid, ckpt=None):
+        super().__init__()
+        import timm
+        if name not in TEACHERS:
+            raise ValueError(f"unknown teacher {name!r}; choose from {list(TEACHERS)}")
+        arch, patch = TEACHERS[name]
+        self.res = grid * patch
+        if name == "random":
+            warnings.warn("teacher 'random': a randomly initialised 2-block ViT. The semantic target then "
+                          "carries no semantics; use it for tests and offline smoke runs only.")
+            model = timm.create_model(arch, pretrained=False, img_size=self.res, depth=2)
+        else:
+            try:
+                overlay = dict(file=ckpt) if ckpt else None
+                if ckpt and not os.path.isfile(ckpt):
+                    raise FileNotFoundError(f"{ckpt} does not exist")
+                model = timm.create_model(arch, pretrained=True, img_size=self.res, pretrained_cfg_overlay=overlay)
+            except Exception as e:
+                raise RuntimeError(
+                    f"Could not load the weights of teacher {name!r} (timm model {arch}): {e}\n"
+                    f"Get them on a machine with internet (Hugging Face repo timm/{arch}, file model.safetensors) "
+                    f"and pass --teacher_ckpt /path/to/model.safetensors, or keep them in the Hugging Face cache. "
+                    f"For a smoke run without semantics use --teacher random.") from e
+        self.model = model.eval().requires_grad_(False)
+        self.dim = model.num_features
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+
+    def train(self, mode=True):                                            # always frozen, always eval
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, img):
+        """img (B, 3, H, W) in [-1, 1] -> (B, L, Dt)."""
+        x = F.interpolate((img + 1) / 2, size=self.res, mode="bilinear", antialias=True, align_corners=False)
+        feats = self.model.forward_features((x - self.mean) / self.std)   # (B, prefix + L, Dt)
+        return feats[:, self.model.num_prefix_tokens:]
+
+
+def sample_mask_ratio(max_ratio=0.4, min_ratio=-0.1):
+    """RAD mask ratio, one per step: max(0, U(-0.1, 0.4)), so 20% of the steps see no mask."""
+    return max(0.0, torch.empty(()).uniform_(min_ratio, max_ratio).item())
+
+
+def random_masking(B, L, n_keep, device=None):
+    """MAE's argsort trick: a random permutation per sample; the first n_keep of it stay visible.
+    Returns ids_keep (B, n_keep), the visible grid positions in the order the encoder sees them, and
+    ids_restore (B, L), which puts [visible..., masked...] back into grid order."""
+    ids_shuffle = torch.rand(B, L, device=device).argsort(dim=1)          # ascending noise: small is keep
+    return ids_shuffle[:, :n_keep], ids_shuffle.argsort(dim=1)
+
+
+# =====================================================================================================
+# 4. Losses (paper Sec. 3.4; official utils/losses.py). Images enter in [-1, 1]; terms are computed in fp32
+#    on [0, 1] with the reconstruction left unclamped, as the official code does.
+# =====================================================================================================
+
+
+def semantic_loss(pred, target):
+    """FSD/RAD term: 1 - cosine similarity per token, averaged over every token of every image (masked
+    tokens: reconstruction, visible tokens: alignment)."""
+    return (1 - F.cosine_similarity(pred.float(), target.float(), dim=-1)).mean()
+
+
+def load_weights(path, url, filename, flag):
+    """A pretrained state dict from a local file, the torch hub cache, or its URL; a clear error offline."""
+    if path:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{flag} {path}: no such file")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", filename)
+    try:
+        return torch.hub.load_state_dict_from_url(url, file_name=filename, map_location="cpu", progress=False)
+    except Exception as e:
+        raise RuntimeError(f"Could not get {filename} from {url} ({type(e).__name__}: {e}).\n"
+                           f"Download it elsewhere and put it at {cached}, or pass {flag} /path/to/{filename}.") from e
+
+
+class LPIPS(nn.Module):
+    """LPIPS-VGG (Zhang et al. 2018) on torchvision's VGG16 with the standard v0.1 linear heads: channel-
+    normalised features at relu1_2 .. relu5_3, squared differences, 1x1 'lin' weights, spatial mean, sum."""
+    VGG = ("https://download.pytorch.org/models/vgg16-397923af.pth", "vgg16-397923af.pth")
+    LIN = ("https://heibox.uni-heidelberg.de/f/607503859c864bc1b30b/?dl=1", "vgg.pth")  # MD5 d507d734...
+
+    def __init__(self, vgg_path=None, lin_path=None):
+        super().__init__()
+        import torchvision
+        vgg = torchvision.models.vgg16()
+        vgg.load_state_dict(load_weights(vgg_path, *self.VGG, "--vgg_ckpt"))
+        self.features = vgg.features[:30]
+        self.taps = (3, 8, 15, 22, 29)                                     # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
+        self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in (64, 128, 256, 512, 512))
+        lin = load_weights(lin_path, *self.LIN, "--lpips_ckpt")
+        for k, conv in enumerate(self.lins):
+            conv.weight.data.copy_(lin[f"lin{k}.model.1.weight"])
+        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))
+        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))
+        self.eval().requires_grad_(False)
+
+    def forward(self, x, y):
+        """x, y in [0, 1] (B, 3, H, W) -> batch mean of the LPIPS distance."""
+        h = (torch.cat([x, y]) * 2 - 1 - self.shift) / self.scale
+        dist, k = 0.0, 0
+        for i, layer in enumerate(self.features):
+            h = layer(h)
+            if i in self.taps:
+                fx, fy = F.normalize(h, dim=1, eps=1e-10).chunk(2)
+                dist = dist + self.lins[k]((fx - fy) ** 2).mean((2, 3))
+                k += 1
+        return dist.mean()
+
+
+class ConvNeXtLogits(nn.Module):
+    """The official 0.1-weighted 'perceptual' term: MSE between torchvision ConvNeXt-S classifier logits
+    (not features) of the two images, resized to 224 and ImageNet-normalised."""
+    URL = ("https://download.pytorch.org/models/convnext_small-0c510722.pth", "convnext_small-0c510722.pth")
+
+    def __init__(self, path=None):
+        super().__init__()
+        import torchvision
+        self.net = torchvision.models.convnext_small()
+        self.net.load_state_dict(load_weights(path, *self.URL, "--convnext_ckpt"))
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+        self.eval().requires_grad_(False)
+
+    def forward(self, x, y):
+        h = F.interpolate(torch.cat([x, y]), size=224, mode="bilinear", antialias=True)
+        lx, ly = self.net((h - self.mean) / self.std).chunk(2)
+        return F.mse_loss(lx, ly)
+
+
+def patchgan(ndf=64, n_layers=3):
+    """Taming-transformers PatchGAN discriminator (4x4 convs, BatchNorm, LeakyReLU 0.2) on [0, 1] images."""
+    layers, ch = [nn.Conv2d(3, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)], ndf
+    for n in range(1, n_layers + 1):
+        out = ndf * min(2**n, 8)
+        layers += [nn.Conv2d(ch, out, 4, 2 if n < n_layers else 1, 1, bias=False), nn.BatchNorm2d(out), nn.LeakyReLU(0.2, True)]
+        ch = out
+    return nn.Sequential(*layers, nn.Conv2d(ch, 1, 4, 1, 1))
+
+
+def hinge_d_loss(logits_real, logits_fake):
+    return 0.5 * (F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean())
+
+
+class TokenizerLoss(nn.Module):
+    """Stage-1 and decoder-fine-tuning objective as named terms; `total` weighs them by config.
+        L = pixel + w_perc*perceptual + w_kl*KL + w_sem*semantic + w_gan*GAN (GAN from a start epoch)
+    perceptual = LPIPS, or (LPIPS + 0.1*ConvNeXt-logit MSE) / 1.1 as the official run. The official GAN weight
+    is 0.1: its script passes --discriminator_weight 0.5 but the builder never forwards it."""
+
+    def __init__(self, weights, lpips=None, convnext=None):
+        super().__init__()
+        self.weights = weights                                             # term name -> weight
+        self.lpips, self.convnext = lpips, convnext
+        self.discriminator = patchgan()
+
+    def forward(self, img, recon, kl, sem_pred=None, sem_target=None, gan=False):
+        x, x_hat = img.float() * 0.5 + 0.5, recon.float() * 0.5 + 0.5     # [0, 1]; x_hat unclamped
+        terms = {"pixel": F.mse_loss(x_hat, x), "kl": kl}
+        if self.lpips is not None:
+            perc = self.lpips(x, x_hat)
+            terms["perceptual"] = perc if self.convnext is None else (perc + 0.1 * self.convnext(x, x_hat)) / 1.1
+        if sem_pred is not None:
+            terms["semantic"] = semantic_loss(sem_pred, sem_target)
+        if gan:  # generator side: D's parameters are used detached, so this pass leaves no gradient on D.
+            # BatchNorm stays in train mode here, as in the official code.
+            params = {n: p.detach() for n, p in self.discriminator.named_parameters()}
+            terms["gan"] = -torch.func.functional_call(self.discriminator, params, (x_hat,)).mean()
+        return terms
+
+    def total(self, terms):
+        return sum(self.weights[k] * v for k, v in terms.items())
+
+    def discriminator_loss(self, img, recon):
+        x, x_hat = img.float() * 0.5 + 0.5, recon.detach().float() * 0.5 + 0.5
+        return hinge_d_loss(self.discriminator(x), self.discriminator(x_hat))
+
+
+# =====================================================================================================
+# 5. DiT^DH: the generator (RAE's DiT backbone + wide shallow DDT head; official models/DDT.py)
+# =====================================================================================================
+
+
+def sincos_2d(dim, grid):
+    """Fixed 2-D sin-cos positions (B-free): token n = row*grid + col gets [E(col), E(row)] (the official code
+    puts the column first), E(p) = [sin(p*w), cos(p*w)], w_m = 10000^(-m/M), M = dim/4. (L, dim)."""
+    M = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(M, dtype=torch.float64) / M)
+    ang = torch.arange(grid, dtype=torch.float64)[:, None] * omega         # (grid, M)
+    E = torch.cat([ang.sin(), ang.cos()], dim=1)                           # (grid, 2M)
+    cols, rows = E.repeat(grid, 1), E.repeat_interleave(grid, dim=0)       # (L, 2M) each
+    return torch.cat([cols, rows], dim=1).float()
+
+
+class FourierTimeEmbedding(nn.Module):
+    """[sin(2 pi t W), cos(2 pi t W)] with 256 fixed random frequencies W (stored in the checkpoint), then an
+    MLP. t is the project time (1 = data), which is the official SiT time: checkpoints load with no flip."""
+
+    def __init__(self, dim, n_freqs=256):
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(n_freqs), requires_grad=False)
+        self.mlp = nn.Sequential(nn.Linear(2 * n_freqs, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t):                                                  # (B,) -> (B, D)
+        ang = t[:, None] * self.W[None] * 2 * math.pi
+        return self.mlp(torch.cat([ang.sin(), ang.cos()], dim=-1))
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero block: the condition (B, D), or per token (B, L, D) in the head, gives shift, scale and
+    gate for the attention and the MLP branch."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.norm1, self.norm2 = RMSNorm(dim), RMSNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.mlp = SwiGLU(dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x, c, rope):
+        if c.dim() == 2:
+            c = c[:, None]                                                 # (B, 1, D): broadcast over tokens
+        sh1, sc1, g1, sh2, sc2, g2 = self.adaLN_modulation(c).chunk(6, dim=-1)
+        x = x + g1 * self.attn(self.norm1(x) * (1 + sc1) + sh1, rope)
+        return x + g2 * self.mlp(self.norm2(x) * (1 + sc2) + sh2)
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim, out_dim):
+        super().__init__()
+        self.norm_final = RMSNorm(dim)
+        self.linear = nn.Linear(dim, out_dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(self.norm_final(x) * (1 + scale) + shift)
+
+
+class DiTDH(nn.Module):
+    """DiT^DH: a DiT backbone over the latent, then a wide shallow head that re-reads the noisy latent,
+    conditioned per token on the backbone's output. Predicts the velocity x_data - eps."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        (De, self.depth, He), (Dh, depth_h, Hh) = cfg.backbone, cfg.head
+        p, C = cfg.patch_size, cfg.latent_dim
+        self.grid, self.num_classes = cfg.grid // p, cfg.num_classes
+        self.s_embedder = nn.Conv2d(C, De, p, stride=p)                   # backbone input
+        self.x_embedder = nn.Conv2d(C, Dh, p, stride=p)                   # head input: the noisy latent again
+        self.pos_embed = nn.Parameter(sincos_2d(De, self.grid)[None], requires_grad=False)  # backbone only
+        self.t_embedder = FourierTimeEmbedding(De)
+        self.y_embedder = nn.Embedding(cfg.num_classes + 1, De)            # row num_classes = the null label
+        self.blocks = nn.ModuleList([DiTBlock(De, He) for _ in range(self.depth)] +
+                                    [DiTBlock(Dh, Hh) for _ in range(depth_h)])
+        self.s_projector = nn.Linear(De, Dh) if De != Dh else nn.Identity()
+        self.final_layer = FinalLayer(Dh, p * p * C)
+        self.register_buffer("rope_backbone", dit_rope(De // He, self.grid), persistent=False)
+        self.register_buffer("rope_head", dit_rope(Dh // Hh, self.grid), persistent=False)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        # As the official `initialize_weights` (xavier_uniform_init=False): Linear layers keep PyTorch's
+        # default init; embedders like nn.Linear; labels and the time MLP N(0, 0.02); adaLN-Zero: every
+        # modulation and the output layer start at zero, so each block starts as the identity.
+        for conv in (self.s_embedder, self.x_embedder):
+            nn.init.xavier_uniform_(conv.weight.view(conv.weight.shape[0], -1))
+            nn.init.zeros_(conv.bias)
+        nn.init.normal_(self.y_embedder.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for mod in [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]:
+            nn.init.zeros_(mod.weight)
+            nn.init.zeros_(mod.bias)
+
+    def forward(self, x, t, y):
+        """x_t (B, C, h, w), t (B,) with 1 = data, y (B,) labels (num_classes = null) -> velocity (B, C, h, w)."""
+        te = self.t_embedder(t)                                            # (B, De)
+        c = F.silu(te + self.y_embedder(y))                                # (B, De); adaLN applies SiLU again (official)
+        s = self.s_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # (B, L, De)
+        for block in self.blocks[: self.depth]:
+            s = block(s, c, self.rope_backbone)
+        s = self.s_projector(F.silu(te[:, None] + s))                      # (B, L, Dh): head condition, time but no label
+        h = self.x_embedder(x).flatten(2).transpose(1, 2)                  # (B, L, Dh), no absolute positions
+        for block in self.blocks[self.depth:]:
+            h = block(h, s, self.rope_head)
+        out = self.final_layer(h, s)                                       # (B, L, p*p*C)
+        return unpatchify(out.transpose(1, 2).unflatten(2, (self.grid, self.grid)), self.cfg.patch_size)
+
+
+# =====================================================================================================
+# 6. Rectified flow: training loss and sampler (official transport/; the time convention is in Sec. 3)
+# =====================================================================================================
+
+
+def flow_matching_loss(model, z, y, s, label_drop=0.1):
+    """Velocity MSE on normalised latents z (B, C, h, w) at t from the shifted law, with label dropout."""
+    B = z.shape[0]
+    t = sample_t(B, s, z.device)                                           # (B,)
+    eps = torch.randn_like(z)
+    x_t = t.view(B, 1, 1, 1) * z + (1 - t.view(B, 1, 1, 1)) * eps
+    y = torch.where(torch.rand(B, device=z.device) < label_drop, model.num_classes, y)  # null label for CFG
+    return F.mse_loss(model(x_t, t, y).float(), z.float() - eps.float())
+
+
+def time_grid(steps, s):
+    """steps + 1 points from t = 0 (noise) to 1 (data), denser near noise: the training law applied to a
+    uniform grid. The official `num_sampling_steps` counts points: its 150 is steps=149 here."""
+    return shift_time(torch.linspace(0, 1, steps + 1), s)
+
+
+def guided_velocity(model, x, t, y, cfg=1.0, interval=(0.0, 1.0), bad_model=None):
+    """Guided velocity on all C channels. CFG: v_null + w (v_y - v_null), conditional and null label run as one
+    doubled batch. AutoGuidance (bad_model given): v_bad + w (v - v_bad), the weaker model with the same label.
+    Guidance applies where t lies in the interval, elsewhere the plain conditional velocity."""
+    if cfg == 1.0:
+        return model(x, t, y)
+    if bad_model is not None:
+        v, v_bad = model(x, t, y), bad_model(x, t, y)
+    else:
+        v, v_bad = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, model.num_classes)])).chunk(2)
+    on = ((t >= interval[0]) & (t <= interval[1])).view(-1, 1, 1, 1)
+    return torch.where(on, v_bad + cfg * (v - v_bad), v)
+
+
+@torch.no_grad()
+def sample(model, noise, y, grid, method="euler", trajectory=None, **guidance):
+    """Integrate dx/dt = v(x, t) over the grid from noise (t = 0) to data (t = 1), Euler or Heun (the model
+    runs at left end points, as torchdiffeq's fixed-grid Euler). trajectory: a list that collects each state."""
+    x = noise
+    for t0, t1 in zip(grid[:-1].tolist(), grid[1:].tolist()):
+        v = guided_velocity(model, x, torch.full((x.shape[0],), t0, device=x.device), y, **guidance)
+        if method == "heun":
+            x_end = x + (t1 - t0) * v
+            v = 0.5 * (v + guided_velocity(model, x_end, torch.full((x.shape[0],), t1, device=x.device), y, **guidance))
+        x = x + (t1 - t0) * v
+        if trajectory is not None:
+            trajectory.append(x)
+    return x
+
+
+# =====================================================================================================
+# 7. Data: ADM centre crop, ImageNet-style folders with a class subset, procedural shapes
+# =====================================================================================================
+
+
+def center_crop_arr(pil_image, size):
+    """ADM centre crop (guided-diffusion, DiT, SiT, RAE): halve with BOX while the short side >= 2*size,
+    BICUBIC-resize the short side to size, crop the centre. -> uint8 array (size, size, 3)."""
+    while min(*pil_image.size) >= 2 * size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[top: top + size, left: left + size]
+
+
+def to_tensor(arr):
+    """uint8 (H, W, 3) -> float (3, H, W) in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float() / 127.5 - 1
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+class ImageFolderSubset(torch.utils.data.Dataset):
+    """ROOT/CLASS/IMAGE folders (ImageNet layout) -> (image (3, S, S) in [-1, 1], label), ADM centre crop.
+    classes: None (all), a count (the first N class folders in sorted order) or a list of folder names;
+    per_class: keep at most this many images per class. Greyscale, CMYK, RGBA and palette images are
+    converted to RGB; unreadable ones (corrupt, truncated, empty) are skipped with a warning and counted."""
+
+    def __init__(self, root, size, classes=None, per_class=None):
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"data folder {root!r} does not exist")
+        found = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        if not found:
+            raise ValueError(f"{root!r} has no class sub-folders (expected {root}/CLASS_NAME/IMAGE.JPEG)")
+        if isinstance(classes, int):
+            if classes > len(found):
+                raise ValueError(f"asked for {classes} classes but {root!r} has {len(found)}")
+            found = found[:classes]
+        elif classes is not None:
+            missing = sorted(set(classes) - set(found))
+            if missing:
+                raise ValueError(f"class folders not found in {root!r}: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+            found = list(classes)
+        self.classes, self.size, self.skipped = found, size, 0
+        self.samples = []
+        for label, name in enumerate(found):
+            files = sorted(f for f in os.listdir(os.path.join(root, name)) if f.lower().endswith(IMAGE_EXTENSIONS))
+            self.samples += [(os.path.join(root, name, f), label) for f in files[:per_class]]
+        if not self.samples:
+            raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root!r}")
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        for k in range(len(self.samples)):                                 # fall through to the next readable image
+            path, label = self.samples[(i + k) % len(self.samples)]
+            try:
+                with Image.open(path) as im:
+                    return to_tensor(center_crop_arr(im.convert("RGB"), self.size)), label
+            except (OSError, ValueError, SyntaxError) as e:
+                self.skipped += 1
+                warnings.warn(f"skipping unreadable image {path} ({e}); {self.skipped} skipped so far")
+        raise RuntimeError("none of the images could be read")
+
+
+SHAPE_COLOURS = [(0.9, 0.1, 0.1), (0.1, 0.35, 0.95), (0.95, 0.85, 0.1), (0.1, 0.8, 0.2), (0.85, 0.2, 0.85),
+                 (1.0, 0.55, 0.0), (0.0, 0.85, 0.85), (0.98, 0.98, 0.98), (0.05, 0.05, 0.05), (0.55, 0.3, 0.1)]
+SHAPE_KINDS = ["circle", "square", "triangle", "ring", "cross"]
+
+
+def render_shape(label, size, g):
+    """One procedural image (3, size, size) in [-1, 1]: class `label` is a shape kind and a colour (kind
+    label % 5, colour label % 10), at a random place, size and angle, on a random two-tone gradient."""
+    r = lambda *shape: torch.rand(*shape, generator=g)                    # noqa: E731
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    a = r(1) * 2 * math.pi                                                 # background gradient
+    ramp = ((xx * a.cos() + yy * a.sin()) * 0.5 + 0.5)[None]
+    bg0, bg1 = 0.25 + 0.5 * r(3, 1, 1), 0.25 + 0.5 * r(3, 1, 1)
+    img = bg0 * (1 - ramp) + bg1 * ramp
+    cx, cy = (r(2) - 0.5) * 0.7
+    rad, th = 0.3 + 0.25 * r(1), r(1) * 2 * math.pi
+    u = ((xx - cx) * th.cos() + (yy - cy) * th.sin()) / rad                # shape frame, unit radius
+    v = (-(xx - cx) * th.sin() + (yy - cy) * th.cos()) / rad
+    box = lambda w, h: torch.maximum(u.abs() - w, v.abs() - h)            # noqa: E731
+    kind = SHAPE_KINDS[label % len(SHAPE_KINDS)]
+    sdf = {"circle": lambda: (u**2 + v**2).sqrt() - 1,
+           "square": lambda: box(0.8, 0.8),
+           "triangle": lambda: torch.stack([v * math.cos(k) + u * math.sin(k) for k in (0, 2.0944, 4.1888)]).max(0).values - 0.5,
+           "ring": lambda: ((u**2 + v**2).sqrt() - 0.75).abs() - 0.25,
+           "cross": lambda: torch.minimum(box(1.0, 0.3), box(0.3, 1.0))}[kind]()
+    mask = torch.sigmoid(-sdf * rad * size)[None]                          # ~1-pixel anti-aliased edge
+    colour = (torch.tensor(SHAPE_COLOURS[label % len(SHAPE_COLOURS)]) + 0.1 * (r(3) - 0.5)).clamp(0, 1).view(3, 1, 1)
+    return (img * (1 - mask) + colour * mask) * 2 - 1
+
+
+class Shapes(torch.utils.data.Dataset):
+    """Embedded class-conditional dataset: n images, deterministic per (seed, index), any resolution, no
+    download. For quick runs and tests; train and held-out sets differ by seed."""
+
+    def __init__(self, n, size, num_classes=10, seed=0):
+        self.n, self.size, self.num_classes, self.seed = n, size, num_classes, seed
+        self.classes = [f"{SHAPE_KINDS[k % 5]}-{k}" for k in range(num_classes)]
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        label = i % self.num_classes
+        return render_shape(label, self.size, g), label
+
+
+# =====================================================================================================
+# 8. Presets and checkpoints
+# =====================================================================================================
+
+VIT_SIZES = {  # (width, depth, heads): the official SIZE_DICT, plus the CPU-sized ones of the quick preset
+    "micro": (96, 2, 3), "mini": (192, 4, 3),
+    "tiny": (192, 3, 4), "small": (512, 8, 8), "base": (768, 12, 12), "large": (1024, 24, 16),
+}
+DIT_SIZES = {  # (backbone, head), each (width, depth, heads); every official size has the head (2048, 2, 16)
+    "quick": ((192, 6, 3), (256, 1, 4)), "S": ((384, 12, 6), (2048, 2, 16)), "B": ((768, 12, 12), (2048, 2, 16)),
+    "L": ((1024, 24, 16), (2048, 2, 16)), "XL": ((1152, 28, 16), (2048, 2, 16)),
+}
+
+
+@dataclass
+class TokenizerConfig:
+    img_size: int = 256
+    patch_size: int = 16
+    latent_dim: int = 128
+    encoder: tuple = VIT_SIZES["base"]
+    decoder: tuple = VIT_SIZES["base"]
+    sem_decoder: tuple = VIT_SIZES["tiny"]
+    teacher_dim: int = 1024                                                # 0: no semantic decoder
+
+
+@dataclass
+class DiTConfig:
+    grid: int = 16                                                         # latent grid (tokenizer img/patch)
+    latent_dim: int = 128
+    num_classes: int = 1000
+    patch_size: int = 1
+    backbone: tuple = DIT_SIZES["XL"][0]
+    head: tuple = DIT_SIZES["XL"][1]
+
+
+@dataclass
+class TokenizerRecipe:
+    """Everything train_tokenizer.py takes from a preset; each field is also a flag of the same name.
+    Defaults are the paper's stage 1 (official run_train_tokenizer.sh)."""
+    dataset: str = "imagefolder"                                           # or "shapes" (embedded)
+    img_size: int = 256
+    patch_size: int = 16
+    latent_dim: int = 128
+    encoder: str = "base"
+    decoder: str = "base"
+    sem_decoder: str = "tiny"
+    teacher: str = "dinov3_vitl16"
+    batch_size: int = 1024                                                 # global
+    epochs: float = 200
+    blr: float = 1e-4                                                      # lr = blr * batch_size / 256
+    warmup_epochs: float = 50
+    weight_decay: float = 1e-4
+    grad_clip: float = 3.0
+    ema: float = 0.999
+    mask_ratio_max: float = 0.4
+    noise: bool = True
+    perceptual_weight: float = 1.0
+    convnext: bool = True
+    kl_weight: float = 1e-6
+    sem_weight: float = 1.0
+    gan_weight: float = 0.1                                                # effective official value; paper states 0.5
+    gan_start_epoch: float = 100
+    ft_epochs: float = 100                                                 # decoder fine-tuning
+    ft_blr: float = 5e-5
+    ft_warmup_epochs: float = 5
+
+
+@dataclass
+class DiTRecipe:
+    """Everything train_dit.py takes from a preset (official run_train_diffusion.sh for the paper)."""
+    model: str = "XL"
+    batch_size: int = 1024
+    epochs: float = 800
+    lr: float = 2e-4
+    min_lr: float = 2e-5
+    decay_start_epoch: float = 40                                          # constant lr until here, then linear
+    decay_end_epoch: float = 800
+    grad_clip: float = 1.0
+    ema: float = 0.9995
+    label_drop: float = 0.1
+    sample_steps: int = 49                                                 # progress grids (official online eval: 50 points)
+
+
+PRESETS = {
+    # CPU in minutes on the embedded shapes: small widths, 64 px, patch 8 (8x8 tokens), C = 16. Perceptual
+    # and ConvNeXt terms are off (they need pretrained VGG/ConvNeXt weights and dominate the CPU cost).
+    "quick": {"tokenizer": TokenizerRecipe(
+                  dataset="shapes", img_size=64, patch_size=8, latent_dim=16, encoder="mini", decoder="mini",
+                  sem_decoder="micro", teacher="dinov3_vits16", batch_size=32, epochs=6, blr=1e-3, warmup_epochs=0.5,
+                  perceptual_weight=0.0, convnext=False, gan_weight=0.0, gan_start_epoch=4,
+                  ft_epochs=2, ft_blr=5e-4, ft_warmup_epochs=0.1),
+              "dit": DiTRecipe(model="quick", batch_size=64, epochs=60, lr=1e-3, min_lr=1e-4,
+                               decay_start_epoch=20, decay_end_epoch=60, ema=0.999, sample_steps=24)},
+    # One GPU, an ImageNet subset at 256 px: the paper's architecture at a batch one GPU holds.
+    "subset": {"tokenizer": TokenizerRecipe(batch_size=64, epochs=50, warmup_epochs=5, gan_start_epoch=25,
+                                            ft_epochs=10, ft_warmup_epochs=1),
+               "dit": DiTRecipe(model="B", batch_size=128, epochs=200, decay_start_epoch=40, decay_end_epoch=200)},
+    # The paper: ViT-B encoder and decoder, C = 128, DINOv3-L/16, DiT^DH-XL, global batch 1024.
+    "paper": {"tokenizer": TokenizerRecipe(), "dit": DiTRecipe()},
+}
+
+
+def tokenizer_config(recipe, teacher_dim):
+    return TokenizerConfig(recipe.img_size, recipe.patch_size, recipe.latent_dim, VIT_SIZES[recipe.encoder],
+                           VIT_SIZES[recipe.decoder], VIT_SIZES[recipe.sem_decoder], teacher_dim)
+
+
+def save_checkpoint(path, state):
+    """Atomic: write a temp file, then rename, so a run killed while saving keeps its previous checkpoint."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path, kind):
+    """One of our checkpoints (a dict of tensors and plain types; loads with weights_only=True)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path!r} is not a readable checkpoint ({type(e).__name__}: {e})") from e
+    found = ckpt.get("kind") if isinstance(ckpt, dict) else None
+    if found != kind:
+        hint = " (an official checkpoint: pass it where an official one is accepted)" if is_official(ckpt) else ""
+        raise ValueError(f"{path!r} is not a {kind} checkpoint: it is {found or 'of unknown kind'}{hint}")
+    return ckpt
+
+
+def is_official(ckpt):
+    return isinstance(ckpt, dict) and ("model_ema" in ckpt or "model" in ckpt) and "kind" not in ckpt
+
+
+def load_tokenizer(path, ema=True):
+    """A RecTok from one of our tokenizer checkpoints or an official one (RecTok.pth, RecTok_decft.pth)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True) if os.path.isfile(path) else None
+    if is_official(ckpt):
+        return convert_official_tokenizer(official_state(ckpt, ema))
+    ckpt = load_checkpoint(path, "tokenizer")
+    model = RecTok(TokenizerConfig(**ckpt["config"]))
+    model.load_state_dict(ckpt["ema" if ema else "model"])
+    return model
+
+
+def load_dit(path, ema=True):
+    """A DiTDH from one of our DiT checkpoints or an official one (ditdhxl_epoch_0599.pth, ditdhs_epoch_0029.pth)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True) if os.path.isfile(path) else None
+    if is_official(ckpt):
+        return convert_official_dit(official_state(ckpt, ema))
+    ckpt = load_checkpoint(path, "dit")
+    model = DiTDH(DiTConfig(**ckpt["config"]))
+    model.load_state_dict(ckpt["ema" if ema else "model"])
+    return model
+
+
+# --- Released checkpoints. Official state dicts map onto these modules with a few renames; sizes are read
+# off the tensor shapes. Heads cannot be read off shapes: the official widths fix them, others are given.
+OFFICIAL_HEADS = {192: 4, 384: 6, 512: 8, 768: 12, 1024: 16, 1152: 16, 1280: 16, 2048: 16}
+OFFICIAL_RENAMES = [  # (official key prefix or fragment, ours)
+    ("encoder.patch_embed.0.", "encoder.patch_embed."), ("decoder.ffn.1.", "decoder.ffn."),
+    ("decoder.decoder_embed.", "decoder.embed."), ("sem_decoder.token_embedding.", "sem_decoder.embed."),
+    ("sem_decoder.mask_embedding", "sem_decoder.mask_token"), ("x_embedder.proj.", "x_embedder."),
+    ("s_embedder.proj.", "s_embedder."), ("y_embedder.embedding_table.", "y_embedder."),
+]
+
+
+def official_state(ckpt, ema=True):
+    """The EMA weights (what the official evaluation uses), or the raw ones; a bare state dict as is."""
+    if not isinstance(ckpt, dict):
+        raise ValueError("not an official RecTok checkpoint")
+    key = "model_ema" if ema and "model_ema" in ckpt else "model"
+    return ckpt.get(key, ckpt)
+
+
+def _rename(sd):
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("sem_decoders."):                                  # sem_decoders.dinov3.* -> sem_decoder.*
+            k = "sem_decoder." + k.split(".", 2)[2]
+        for old, new in OFFICIAL_RENAMES:
+            if k.startswith(old):
+                k = new + k[len(old):]
+        out[k] = v
+    return out
+
+
+def _vit_size(sd, prefix, heads):
+    width = sd[prefix + "positional_embedding"].shape[-1]
+    depth = len({k.split(".")[2] for k in sd if k.startswith(prefix + "transformer.")})
+    if width not in heads:
+        raise ValueError(f"cannot tell the number of heads of {prefix.rstrip('.')} (width {width}); pass heads={{{width}: H}}")
+    return (width, depth, heads[width])
+
+
+def convert_official_tokenizer(sd, heads=None):
+    """Official RecTok state dict -> RecTok. The frozen teacher the official code saves alongside
+    (sem_foundation_models.*) is dropped; the latent statistics are not in any official file (see README)."""
+    heads = {**OFFICIAL_HEADS, **(heads or {})}
+    sd = _rename({k: v for k, v in sd.items() if not k.startswith("sem_foundation_models.")})
+    if "encoder.patch_embed.weight" not in sd:
+        raise ValueError("not an official RecTok tokenizer state dict (no encoder.patch_embed.0.weight)")
+    width, _, p, _ = sd["encoder.patch_embed.weight"].shape
+    grid = math.isqrt(sd["encoder.positional_embedding"].shape[1])
+    has_sem = "sem_decoder.out.weight" in sd
+    cfg = TokenizerConfig(img_size=grid * p, patch_size=p, latent_dim=sd["encoder.latent_head.weight"].shape[0] // 2,
+                          encoder=_vit_size(sd, "encoder.", heads), decoder=_vit_size(sd, "decoder.", heads),
+                          sem_decoder=_vit_size(sd, "sem_decoder.", heads) if has_sem else VIT_SIZES["tiny"],
+                          teacher_dim=sd["sem_decoder.out.weight"].shape[0] if has_sem else 0)
+    model = RecTok(cfg)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if unexpected or set(missing) - {"latent_mean", "latent_std"}:
+        raise ValueError(f"official tokenizer does not map cleanly: missing {missing}, unexpected {unexpected}")
+    return model
+
+
+def convert_official_dit(sd, heads=None):
+    """Official DiTwDDTHead state dict -> DiTDH. Its stored RoPE tables are checked against ours, then dropped."""
+    heads = {**OFFICIAL_HEADS, **(heads or {})}
+    ropes = {k: sd[k] for k in ("enc_feat_rope.freqs_cos", "enc_feat_rope.freqs_sin", "dec_feat_rope.freqs_cos",
+                                "dec_feat_rope.freqs_sin") if k in sd}
+    sd = _rename({k: v for k, v in sd.items() if k not in ropes})
+    if "s_embedder.weight" not in sd:
+        raise ValueError("not an official DiT^DH state dict (no s_embedder.proj.weight)")
+    De, C, p, _ = sd["s_embedder.weight"].shape
+    Dh = sd["x_embedder.weight"].shape[0]
+    if De == Dh:
+        raise ValueError("backbone and head have the same width: the split between them cannot be read off the shapes")
+    widths = [sd[f"blocks.{i}.norm1.weight"].shape[0] for i in range(len({k.split('.')[1] for k in sd if k.startswith('blocks.')}))]
+    for w in (De, Dh):
+        if w not in heads:
+            raise ValueError(f"cannot tell the number of heads at width {w}; pass heads={{{w}: H}}")
+    cfg = DiTConfig(grid=math.isqrt(sd["pos_embed"].shape[1]) * p, latent_dim=C, num_classes=sd["y_embedder.weight"].shape[0] - 1,
+                    patch_size=p, backbone=(De, widths.count(De), heads[De]), head=(Dh, widths.count(Dh), heads[Dh]))
+    model = DiTDH(cfg)
+    model.load_state_dict(sd, strict=True)
+    for name, table in ropes.items():                                      # the official tables are [cos | sin] per buffer
+        ours = (model.rope_backbone if name.startswith("enc") else model.rope_head)[0 if name.endswith("cos") else 1]
+        if not torch.allclose(ours, table.float(), atol=1e-5):
+            raise ValueError(f"official {name} differs from the recomputed RoPE table")
+    return model
+
+
+def read_latent_stats(path):
+    """Latent mean/std (C,) from a .pt/.npz with keys mean and std, or the official stats.pkl
+    ({key: {"channel": (mean[2C], std[2C])}}; a pickle, so only for files you trust)."""
+    if path.endswith(".pkl"):
+        import pickle
+        with open(path, "rb") as f:
+            entry = next(iter(pickle.load(f).values()))["channel"]
+        mean, std = (np.asarray(a).reshape(-1) for a in entry)
+        C = mean.shape[0] // 2                                             # first C of the 2C moments: the means
+        return torch.as_tensor(mean[:C]).float(), torch.as_tensor(std[:C]).float()
+    d = np.load(path) if path.endswith(".npz") else torch.load(path, map_location="cpu", weights_only=True)
+    return torch.as_tensor(np.asarray(d["mean"])).float(), torch.as_tensor(np.asarray(d["std"])).float()
+
+
+# --- Training helpers shared by train_tokenizer.py and train_dit.py.
+
+
+def setup_distributed():
+    """DDP when launched by torchrun (it sets RANK), a single process otherwise. -> (rank, world, device)."""
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        return rank, world, device
+    return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast(device):
+    """bf16 autocast on GPU, plain fp32 on CPU: the same loop runs on both."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def cosine_lr(epoch, peak, warmup, total):
+    """Linear warm-up from 0, then half-cosine to 0 (official tokenizer schedule), from the fractional epoch."""
+    if epoch < warmup:
+        return peak * epoch / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, (epoch - warmup) / max(total - warmup, 1e-8))))
+
+
+def constant_then_linear_lr(epoch, lr, min_lr, start, end):
+    """Official DiT^DH schedule: lr until `start`, then linear to min_lr at `end`, min_lr after."""
+    return lr - (lr - min_lr) * min(1.0, max(0.0, epoch - start) / max(end - start, 1e-8))
+
+
+def param_groups(model, weight_decay):
+    """No weight decay for norms, biases, embeddings and tokens, decided by name as the official code (so the
+    patch-embedding convs are exempt too)."""
+    skip = ("ln", "bias", "embedding", "norm", "gamma", "embed", "token")
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    no_decay = [p for n, p in params if p.ndim < 2 or any(s in n for s in skip)]
+    decay = [p for n, p in params if not (p.ndim < 2 or any(s in n for s in skip))]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def ema_update(ema, model, decay):
+    """EMA by parameter name. Frozen parameters are copied from the model, as the official EMA does (so in
+    decoder fine-tuning the EMA encoder is the raw frozen encoder)."""
+    params = dict(model.named_parameters())
+    for name, p_ema in ema.named_parameters():
+        p = params[name]
+        p_ema.lerp_(p, 1 - decay) if p.requires_grad else p_ema.copy_(p)
+
+
+def rng_state():
+    """All randomness of a training step (masks, noise, t, flips, label drop) comes from torch's generators."""
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def epoch_loader(dataset, batch_size, epoch, seed, skip_batches=0, rank=0, world=1, workers=0):
+    """This rank's batches of one epoch: a permutation fixed by (seed, epoch), so a resumed run skips exactly
+    the batches it has seen. It draws nothing from the global RNG, which resume restores separately."""
+    g = torch.Generator().manual_seed(seed * 10_007 + epoch)
+    n = len(dataset) // (batch_size * world) * batch_size * world          # drop the ragged end
+    order = torch.randperm(len(dataset), generator=g)[:n][rank::world][skip_batches * batch_size:]
+    return torch.utils.data.DataLoader(dataset, batch_size, sampler=order.tolist(), num_workers=workers,
+                                       drop_last=True, generator=g, persistent_workers=False, pin_memory=False)
+
+
+def log_json(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def override(recipe, args):
+    """A preset with the flags the user set (not None) laid over it."""
+    given = {f.name: getattr(args, f.name) for f in fields(recipe) if getattr(args, f.name, None) is not None}
+    return replace(recipe, **given)
+
