@@ -272,6 +272,11 @@ class RecTok(nn.Module):
         if self.sem_decoder is not None:
             nn.init.zeros_(self.sem_decoder.mask_token)
 
+    def drop_semantic_decoder(self):
+        """Decoder fine-tuning and inference need no semantic decoder (the released RecTok_decft has none)."""
+        self.sem_decoder, self.cfg = None, replace(self.cfg, teacher_dim=0)
+        return self
+
     def encode(self, img, ids_keep=None):
         """Posterior per (visible) token: mean and clamped logvar (B, Lv, C), in fp32 (the official code leaves
         them in bf16 under autocast; computing the posterior in fp32 is a clean-up)."""
@@ -660,13 +665,13 @@ class DiTDH(nn.Module):
 # =====================================================================================================
 
 
-def flow_matching_loss(model, z, y, s, label_drop=0.1):
+def flow_matching_loss(model, z, y, s, null_label, label_drop=0.1):
     """Velocity MSE on normalised latents z (B, C, h, w) at t from the shifted law, with label dropout."""
     B = z.shape[0]
     t = sample_t(B, s, z.device)                                           # (B,)
     eps = torch.randn_like(z)
     x_t = t.view(B, 1, 1, 1) * z + (1 - t.view(B, 1, 1, 1)) * eps
-    y = torch.where(torch.rand(B, device=z.device) < label_drop, model.num_classes, y)  # null label for CFG
+    y = torch.where(torch.rand(B, device=z.device) < label_drop, null_label, y)  # trains the unconditional model
     return F.mse_loss(model(x_t, t, y).float(), z.float() - eps.float())
 
 
@@ -757,6 +762,7 @@ class ImageFolderSubset(torch.utils.data.Dataset):
         for label, name in enumerate(found):
             files = sorted(f for f in os.listdir(os.path.join(root, name)) if f.lower().endswith(IMAGE_EXTENSIONS))
             self.samples += [(os.path.join(root, name, f), label) for f in files[:per_class]]
+        self.labels = [label for _, label in self.samples]
         if not self.samples:
             raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root!r}")
 
@@ -812,14 +818,14 @@ class Shapes(torch.utils.data.Dataset):
     def __init__(self, n, size, num_classes=10, seed=0):
         self.n, self.size, self.num_classes, self.seed = n, size, num_classes, seed
         self.classes = [f"{SHAPE_KINDS[k % 5]}-{k}" for k in range(num_classes)]
+        self.labels = [i % num_classes for i in range(n)]
 
     def __len__(self):
         return self.n
 
     def __getitem__(self, i):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
-        label = i % self.num_classes
-        return render_shape(label, self.size, g), label
+        return render_shape(self.labels[i], self.size, g), self.labels[i]
 
 
 # =====================================================================================================
@@ -878,6 +884,7 @@ class TokenizerRecipe:
     ema: float = 0.999
     mask_ratio_max: float = 0.4
     noise: bool = True
+    flip: bool = True
     perceptual_weight: float = 1.0
     convnext: bool = True
     kl_weight: float = 1e-6
@@ -893,6 +900,8 @@ class TokenizerRecipe:
 class DiTRecipe:
     """Everything train_dit.py takes from a preset (official run_train_diffusion.sh for the paper)."""
     model: str = "XL"
+    patch_size: int = 1                                                    # latent patch size
+    flip: bool = True
     batch_size: int = 1024
     epochs: float = 800
     lr: float = 2e-4
@@ -910,7 +919,7 @@ PRESETS = {
     # and ConvNeXt terms are off (they need pretrained VGG/ConvNeXt weights and dominate the CPU cost).
     "quick": {"tokenizer": TokenizerRecipe(
                   dataset="shapes", img_size=64, patch_size=8, latent_dim=16, encoder="mini", decoder="mini",
-                  sem_decoder="micro", teacher="dinov3_vits16", batch_size=32, epochs=6, blr=1e-3, warmup_epochs=0.5,
+                  sem_decoder="micro", teacher="dinov3_vits16", flip=False, batch_size=32, epochs=6, blr=1e-3, warmup_epochs=0.5,
                   perceptual_weight=0.0, convnext=False, gan_weight=0.0, gan_start_epoch=4,
                   ft_epochs=2, ft_blr=5e-4, ft_warmup_epochs=0.1),
               "dit": DiTRecipe(model="quick", batch_size=64, epochs=60, lr=1e-3, min_lr=1e-4,
@@ -1150,6 +1159,61 @@ def epoch_loader(dataset, batch_size, epoch, seed, skip_batches=0, rank=0, world
     order = torch.randperm(len(dataset), generator=g)[:n][rank::world][skip_batches * batch_size:]
     return torch.utils.data.DataLoader(dataset, batch_size, sampler=order.tolist(), num_workers=workers,
                                        drop_last=True, generator=g, persistent_workers=False, pin_memory=False)
+
+
+def add_common_args(parser):
+    """Flags shared by the two training scripts: data, run control, checkpoints."""
+    g = parser.add_argument_group("data")
+    g.add_argument("--data_path", help="ImageNet-style train folder (ROOT/CLASS/IMAGE); without it, the embedded shapes")
+    g.add_argument("--num_classes", type=int, help="use the first N class folders (sorted)")
+    g.add_argument("--class_list", help="file with one class folder name per line")
+    g.add_argument("--images_per_class", type=int, help="keep at most N images per class")
+    g.add_argument("--shapes_n", type=int, default=4000, help="size of the embedded shapes training set")
+    g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    g = parser.add_argument_group("run")
+    g.add_argument("--preset", default="quick", choices=list(PRESETS))
+    g.add_argument("--out", required=True, help="run folder: checkpoint, log.jsonl, image grids")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--steps", type=int, help="total optimisation steps (default: from epochs)")
+    g.add_argument("--stop_at", type=int, help="save and stop at this step, to be continued with --resume")
+    g.add_argument("--log_every", type=int, default=20)
+    g.add_argument("--image_every", type=int, default=500, help="write a progress image grid every N steps")
+    g.add_argument("--ckpt_every", type=int, default=500)
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (falls back to eager)")
+
+
+def dataset_from_args(args, img_size, train=True):
+    """The embedded shapes (train: seed 0, held-out: seed 1), or an ImageNet-style folder subset."""
+    if args.data_path is None:
+        return Shapes(args.shapes_n if train else 1000, img_size, args.num_classes or 10, seed=0 if train else 1)
+    classes = args.num_classes
+    if args.class_list:
+        with open(args.class_list) as f:
+            classes = [line.strip() for line in f if line.strip()]
+    return ImageFolderSubset(args.data_path, img_size, classes, args.images_per_class)
+
+
+def maybe_compile(model, enabled):
+    """torch.compile on request; if compiling fails (at wrap time or on the first call), run eagerly."""
+    if not enabled:
+        return model
+    compiled, state = torch.compile(model), {}
+
+    def call(*a, **k):
+        if state.get("eager"):
+            return model(*a, **k)
+        try:
+            out = compiled(*a, **k)
+        except Exception as e:
+            if state.get("worked"):
+                raise
+            warnings.warn(f"torch.compile failed ({type(e).__name__}: {e}); running eagerly")
+            state["eager"] = True
+            return model(*a, **k)
+        state["worked"] = True
+        return out
+    return call
 
 
 def log_json(path, record):
