@@ -24,6 +24,7 @@ Tests: python -m pytest -q test_rectok.py
 import json
 import math
 import os
+import sys
 import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
@@ -340,7 +341,7 @@ def flow_shift(grid, latent_dim):
 
 
 def shift_time(u, s):
-    return s * u / (1 + (s - 1) * u)
+    return u / (u + (1 - u) / s)                                           # = s*u / (1 + (s-1)*u), exact at 0 and 1
 
 
 def sample_t(n, s, device=None):
@@ -374,10 +375,12 @@ class Teacher(nn.Module):
             raise ValueError(f"unknown teacher {name!r}; choose from {list(TEACHERS)}")
         arch, patch = TEACHERS[name]
         self.res = grid * patch
-        if name == "random":
-            warnings.warn("teacher 'random': a randomly initialised 2-block ViT. The semantic target then "
-                          "carries no semantics; use it for tests and offline smoke runs only.")
-            model = timm.create_model(arch, pretrained=False, img_size=self.res, depth=2)
+        if name == "random" or ckpt == "random":  # 'random' teacher: 2 blocks; ckpt 'random': full size (benchmarks)
+            warnings.warn(f"teacher {name!r} with random weights: the semantic target then carries no semantics; "
+                          "use it for tests, benchmarks and offline smoke runs only.")
+            with torch.random.fork_rng(devices=[]):                         # the same random teacher every time
+                torch.manual_seed(0)
+                model = timm.create_model(arch, pretrained=False, img_size=self.res, **({"depth": 2} if name == "random" else {}))
         else:
             try:
                 overlay = dict(file=ckpt) if ckpt else None
@@ -385,7 +388,7 @@ class Teacher(nn.Module):
                     raise FileNotFoundError(f"{ckpt} does not exist")
                 model = timm.create_model(arch, pretrained=True, img_size=self.res, pretrained_cfg_overlay=overlay)
             except Exception as e:
-                raise RuntimeError(
+                raise FileNotFoundError(
                     f"Could not load the weights of teacher {name!r} (timm model {arch}): {e}\n"
                     f"Get them on a machine with internet (Hugging Face repo timm/{arch}, file model.safetensors) "
                     f"and pass --teacher_ckpt /path/to/model.safetensors, or keep them in the Hugging Face cache. "
@@ -441,7 +444,7 @@ def load_weights(path, url, filename, flag):
     try:
         return torch.hub.load_state_dict_from_url(url, file_name=filename, map_location="cpu", progress=False)
     except Exception as e:
-        raise RuntimeError(f"Could not get {filename} from {url} ({type(e).__name__}: {e}).\n"
+        raise FileNotFoundError(f"Could not get {filename} from {url} ({type(e).__name__}: {e}).\n"
                            f"Download it elsewhere and put it at {cached}, or pass {flag} /path/to/{filename}.") from e
 
 
@@ -509,10 +512,6 @@ def patchgan(ndf=64, n_layers=3):
     return nn.Sequential(*layers, nn.Conv2d(ch, 1, 4, 1, 1))
 
 
-def hinge_d_loss(logits_real, logits_fake):
-    return 0.5 * (F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean())
-
-
 class TokenizerLoss(nn.Module):
     """Stage-1 and decoder-fine-tuning objective as named terms; `total` weighs them by config.
         L = pixel + w_perc*perceptual + w_kl*KL + w_sem*semantic + w_gan*GAN (GAN from a start epoch)
@@ -543,8 +542,9 @@ class TokenizerLoss(nn.Module):
         return sum(self.weights[k] * v for k, v in terms.items())
 
     def discriminator_loss(self, img, recon):
-        x, x_hat = img.float() * 0.5 + 0.5, recon.detach().float() * 0.5 + 0.5
-        return hinge_d_loss(self.discriminator(x), self.discriminator(x_hat))
+        """Hinge loss: 0.5 * (E relu(1 - D(x)) + E relu(1 + D(x_hat)))."""
+        real, fake = self.discriminator(img.float() * 0.5 + 0.5), self.discriminator(recon.detach().float() * 0.5 + 0.5)
+        return 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean())
 
 
 # =====================================================================================================
@@ -676,8 +676,8 @@ def flow_matching_loss(model, z, y, s, null_label, label_drop=0.1):
 
 
 def time_grid(steps, s):
-    """steps + 1 points from t = 0 (noise) to 1 (data), denser near noise: the training law applied to a
-    uniform grid. The official `num_sampling_steps` counts points: its 150 is steps=149 here."""
+    """steps + 1 points from t = 0 (noise) to 1 (data): the training law applied to a uniform grid, so denser
+    near noise when s < 1. The official `num_sampling_steps` counts points: its 150 is steps=149 here."""
     return shift_time(torch.linspace(0, 1, steps + 1), s)
 
 
@@ -737,7 +737,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 class ImageFolderSubset(torch.utils.data.Dataset):
-    """ROOT/CLASS/IMAGE folders (ImageNet layout) -> (image (3, S, S) in [-1, 1], label), ADM centre crop.
+    """ROOT/CLASS/IMAGE folders (ImageNet layout; or a flat folder of images, one class) -> (image (3, S, S)
+    in [-1, 1], label), ADM centre crop.
     classes: None (all), a count (the first N class folders in sorted order) or a list of folder names;
     per_class: keep at most this many images per class. Greyscale, CMYK, RGBA and palette images are
     converted to RGB; unreadable ones (corrupt, truncated, empty) are skipped with a warning and counted."""
@@ -746,8 +747,10 @@ class ImageFolderSubset(torch.utils.data.Dataset):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"data folder {root!r} does not exist")
         found = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        if not found:                                                      # a flat folder: one unnamed class
+            found = ["."] if any(f.lower().endswith(IMAGE_EXTENSIONS) for f in os.listdir(root)) else []
         if not found:
-            raise ValueError(f"{root!r} has no class sub-folders (expected {root}/CLASS_NAME/IMAGE.JPEG)")
+            raise ValueError(f"{root!r} holds no images and no class sub-folders (expected {root}/CLASS/IMAGE.JPEG)")
         if isinstance(classes, int):
             if classes > len(found):
                 raise ValueError(f"asked for {classes} classes but {root!r} has {len(found)}")
@@ -757,7 +760,7 @@ class ImageFolderSubset(torch.utils.data.Dataset):
             if missing:
                 raise ValueError(f"class folders not found in {root!r}: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
             found = list(classes)
-        self.classes, self.size, self.skipped = found, size, 0
+        self.classes, self.size, self.unreadable = found, size, set()
         self.samples = []
         for label, name in enumerate(found):
             files = sorted(f for f in os.listdir(os.path.join(root, name)) if f.lower().endswith(IMAGE_EXTENSIONS))
@@ -772,13 +775,15 @@ class ImageFolderSubset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         for k in range(len(self.samples)):                                 # fall through to the next readable image
             path, label = self.samples[(i + k) % len(self.samples)]
+            if path in self.unreadable:
+                continue
             try:
                 with Image.open(path) as im:
                     return to_tensor(center_crop_arr(im.convert("RGB"), self.size)), label
             except (OSError, ValueError, SyntaxError) as e:
-                self.skipped += 1
-                warnings.warn(f"skipping unreadable image {path} ({e}); {self.skipped} skipped so far")
-        raise RuntimeError("none of the images could be read")
+                self.unreadable.add(path)
+                warnings.warn(f"skipping unreadable image {path} ({e}); {len(self.unreadable)} skipped so far")
+        raise ValueError("none of the images could be read")
 
 
 SHAPE_COLOURS = [(0.9, 0.1, 0.1), (0.1, 0.35, 0.95), (0.95, 0.85, 0.1), (0.1, 0.8, 0.2), (0.85, 0.2, 0.85),
@@ -816,6 +821,8 @@ class Shapes(torch.utils.data.Dataset):
     download. For quick runs and tests; train and held-out sets differ by seed."""
 
     def __init__(self, n, size, num_classes=10, seed=0):
+        if not 1 <= num_classes <= len(SHAPE_COLOURS):
+            raise ValueError(f"the embedded shapes have at most {len(SHAPE_COLOURS)} classes, not {num_classes}")
         self.n, self.size, self.num_classes, self.seed = n, size, num_classes, seed
         self.classes = [f"{SHAPE_KINDS[k % 5]}-{k}" for k in range(num_classes)]
         self.labels = [i % num_classes for i in range(n)]
@@ -833,7 +840,7 @@ class Shapes(torch.utils.data.Dataset):
 # =====================================================================================================
 
 VIT_SIZES = {  # (width, depth, heads): the official SIZE_DICT, plus the CPU-sized ones of the quick preset
-    "micro": (96, 2, 3), "mini": (192, 4, 3),
+    "micro": (96, 2, 3),
     "tiny": (192, 3, 4), "small": (512, 8, 8), "base": (768, 12, 12), "large": (1024, 24, 16),
 }
 DIT_SIZES = {  # (backbone, head), each (width, depth, heads); every official size has the head (2048, 2, 16)
@@ -867,7 +874,6 @@ class DiTConfig:
 class TokenizerRecipe:
     """Everything train_tokenizer.py takes from a preset; each field is also a flag of the same name.
     Defaults are the paper's stage 1 (official run_train_tokenizer.sh)."""
-    dataset: str = "imagefolder"                                           # or "shapes" (embedded)
     img_size: int = 256
     patch_size: int = 16
     latent_dim: int = 128
@@ -918,12 +924,12 @@ PRESETS = {
     # CPU in minutes on the embedded shapes: small widths, 64 px, patch 8 (8x8 tokens), C = 16. Perceptual
     # and ConvNeXt terms are off (they need pretrained VGG/ConvNeXt weights and dominate the CPU cost).
     "quick": {"tokenizer": TokenizerRecipe(
-                  dataset="shapes", img_size=64, patch_size=8, latent_dim=16, encoder="mini", decoder="mini",
-                  sem_decoder="micro", teacher="dinov3_vits16", flip=False, batch_size=32, epochs=6, blr=1e-3, warmup_epochs=0.5,
-                  perceptual_weight=0.0, convnext=False, gan_weight=0.0, gan_start_epoch=4,
-                  ft_epochs=2, ft_blr=5e-4, ft_warmup_epochs=0.1),
-              "dit": DiTRecipe(model="quick", batch_size=64, epochs=60, lr=1e-3, min_lr=1e-4,
-                               decay_start_epoch=20, decay_end_epoch=60, ema=0.999, sample_steps=24)},
+                  img_size=64, patch_size=8, latent_dim=16, encoder="micro", decoder="micro",
+                  sem_decoder="micro", teacher="dinov3_vits16", flip=False, batch_size=32, epochs=16, blr=8e-3,
+                  warmup_epochs=0.5, ema=0.995, perceptual_weight=0.0, convnext=False, gan_weight=0.0,
+                  ft_epochs=8, ft_blr=4e-3, ft_warmup_epochs=0.2),
+              "dit": DiTRecipe(model="quick", patch_size=2, batch_size=64, epochs=28, lr=1e-3, min_lr=1e-4,
+                               decay_start_epoch=10, decay_end_epoch=28, ema=0.995, sample_steps=24)},
     # One GPU, an ImageNet subset at 256 px: the paper's architecture at a batch one GPU holds.
     "subset": {"tokenizer": TokenizerRecipe(batch_size=64, epochs=50, warmup_epochs=5, gan_start_epoch=25,
                                             ft_epochs=10, ft_warmup_epochs=1),
@@ -945,43 +951,30 @@ def save_checkpoint(path, state):
     os.replace(path + ".tmp", path)
 
 
-def load_checkpoint(path, kind):
-    """One of our checkpoints (a dict of tensors and plain types; loads with weights_only=True)."""
+def load_checkpoint(path, kind, official=False):
+    """One of our checkpoints of this kind (tensors and plain types: it loads with weights_only=True), or with
+    official=True also an official release file (a dict with "model" and "model_ema" state dicts)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"{path!r} is not a readable checkpoint ({type(e).__name__}: {e})") from e
-    found = ckpt.get("kind") if isinstance(ckpt, dict) else None
-    if found != kind:
-        hint = " (an official checkpoint: pass it where an official one is accepted)" if is_official(ckpt) else ""
-        raise ValueError(f"{path!r} is not a {kind} checkpoint: it is {found or 'of unknown kind'}{hint}")
+    is_official = isinstance(ckpt, dict) and "kind" not in ckpt and ("model" in ckpt or "model_ema" in ckpt)
+    if not (official and is_official) and (not isinstance(ckpt, dict) or ckpt.get("kind") != kind):
+        found = "an official release file" if is_official else (ckpt.get("kind") if isinstance(ckpt, dict) else None)
+        raise ValueError(f"{path!r} is not a {kind} checkpoint: it is {found or 'of unknown kind'}")
     return ckpt
 
 
-def is_official(ckpt):
-    return isinstance(ckpt, dict) and ("model_ema" in ckpt or "model" in ckpt) and "kind" not in ckpt
-
-
-def load_tokenizer(path, ema=True):
-    """A RecTok from one of our tokenizer checkpoints or an official one (RecTok.pth, RecTok_decft.pth)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True) if os.path.isfile(path) else None
-    if is_official(ckpt):
-        return convert_official_tokenizer(official_state(ckpt, ema))
-    ckpt = load_checkpoint(path, "tokenizer")
-    model = RecTok(TokenizerConfig(**ckpt["config"]))
-    model.load_state_dict(ckpt["ema" if ema else "model"])
-    return model
-
-
-def load_dit(path, ema=True):
-    """A DiTDH from one of our DiT checkpoints or an official one (ditdhxl_epoch_0599.pth, ditdhs_epoch_0029.pth)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True) if os.path.isfile(path) else None
-    if is_official(ckpt):
-        return convert_official_dit(official_state(ckpt, ema))
-    ckpt = load_checkpoint(path, "dit")
-    model = DiTDH(DiTConfig(**ckpt["config"]))
+def load_model(path, kind, ema=True):
+    """RecTok (kind 'tokenizer') or DiTDH ('dit') from our checkpoint or an official one (RecTok.pth,
+    RecTok_decft.pth, ditdhxl_epoch_0599.pth, ...); the EMA weights by default, as the official evaluation."""
+    ckpt = load_checkpoint(path, kind, official=True)
+    if "kind" not in ckpt:
+        state = ckpt["model_ema" if ema and "model_ema" in ckpt else "model"]
+        return convert_official_tokenizer(state) if kind == "tokenizer" else convert_official_dit(state)
+    model = RecTok(TokenizerConfig(**ckpt["config"])) if kind == "tokenizer" else DiTDH(DiTConfig(**ckpt["config"]))
     model.load_state_dict(ckpt["ema" if ema else "model"])
     return model
 
@@ -995,14 +988,6 @@ OFFICIAL_RENAMES = [  # (official key prefix or fragment, ours)
     ("sem_decoder.mask_embedding", "sem_decoder.mask_token"), ("x_embedder.proj.", "x_embedder."),
     ("s_embedder.proj.", "s_embedder."), ("y_embedder.embedding_table.", "y_embedder."),
 ]
-
-
-def official_state(ckpt, ema=True):
-    """The EMA weights (what the official evaluation uses), or the raw ones; a bare state dict as is."""
-    if not isinstance(ckpt, dict):
-        raise ValueError("not an official RecTok checkpoint")
-    key = "model_ema" if ema and "model_ema" in ckpt else "model"
-    return ckpt.get(key, ckpt)
 
 
 def _rename(sd):
@@ -1074,15 +1059,7 @@ def convert_official_dit(sd, heads=None):
 
 
 def read_latent_stats(path):
-    """Latent mean/std (C,) from a .pt/.npz with keys mean and std, or the official stats.pkl
-    ({key: {"channel": (mean[2C], std[2C])}}; a pickle, so only for files you trust)."""
-    if path.endswith(".pkl"):
-        import pickle
-        with open(path, "rb") as f:
-            entry = next(iter(pickle.load(f).values()))["channel"]
-        mean, std = (np.asarray(a).reshape(-1) for a in entry)
-        C = mean.shape[0] // 2                                             # first C of the 2C moments: the means
-        return torch.as_tensor(mean[:C]).float(), torch.as_tensor(std[:C]).float()
+    """Latent mean and std (C,) from a .npz or .pt file with keys mean and std."""
     d = np.load(path) if path.endswith(".npz") else torch.load(path, map_location="cpu", weights_only=True)
     return torch.as_tensor(np.asarray(d["mean"])).float(), torch.as_tensor(np.asarray(d["std"])).float()
 
@@ -1140,8 +1117,7 @@ def ema_update(ema, model, decay):
         p_ema.lerp_(p, 1 - decay) if p.requires_grad else p_ema.copy_(p)
 
 
-def rng_state():
-    """All randomness of a training step (masks, noise, t, flips, label drop) comes from torch's generators."""
+def rng_state():  # all randomness of a step (masks, noise, t, flips, label drop) comes from torch's RNGs
     return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
 
@@ -1214,6 +1190,15 @@ def maybe_compile(model, enabled):
         state["worked"] = True
         return out
     return call
+
+
+def run_cli(main, get_args):
+    """Run a script; bad input (missing files or weights, wrong checkpoints, unusable data) ends with its
+    message rather than a traceback."""
+    try:
+        main(get_args())
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
 
 
 def log_json(path, record):

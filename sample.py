@@ -15,6 +15,7 @@ arr_0, N x H x W x 3, plus labels) that eval.py and the ADM evaluator read.
 import argparse
 import os
 import sys
+import time
 
 import numpy as np
 import torch
@@ -51,11 +52,11 @@ def main(args):
     if args.cfg != 1.0 and args.autoguidance_ckpt:
         sys.exit("choose one guidance: --cfg or --autoguidance_ckpt")
     ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=True) if os.path.isfile(args.ckpt) else {}
-    dit = R.load_dit(args.ckpt).to(device).eval()
+    dit = R.load_model(args.ckpt, "dit").to(device).eval()
     tok_path = args.tokenizer_ckpt or ckpt.get("tokenizer")
     if not tok_path:
         sys.exit(f"{args.ckpt} names no tokenizer: pass --tokenizer_ckpt")
-    tok = R.load_tokenizer(tok_path).to(device).eval()
+    tok = R.load_model(tok_path, "tokenizer").to(device).eval()
     if "latent_mean" in ckpt:  # the statistics the DiT was trained with
         tok.latent_mean.copy_(ckpt["latent_mean"]), tok.latent_std.copy_(ckpt["latent_std"])
     if args.latent_stats:
@@ -66,7 +67,7 @@ def main(args):
     if (tok.grid, tok.cfg.latent_dim) != (dit.cfg.grid, dit.cfg.latent_dim):
         sys.exit(f"tokenizer latent {tok.grid}x{tok.grid}x{tok.cfg.latent_dim} does not fit the DiT's "
                  f"{dit.cfg.grid}x{dit.cfg.grid}x{dit.cfg.latent_dim}")
-    bad = R.load_dit(args.autoguidance_ckpt).to(device).eval() if args.autoguidance_ckpt else None
+    bad = R.load_model(args.autoguidance_ckpt, "dit").to(device).eval() if args.autoguidance_ckpt else None
     guidance = dict(cfg=args.ag_scale, bad_model=bad) if bad else dict(cfg=args.cfg, interval=tuple(args.cfg_interval))
 
     K, N = dit.num_classes, args.num_images
@@ -90,6 +91,7 @@ def main(args):
         return args.out
 
     torch.manual_seed(args.seed + rank)                                    # per-rank seed, as the official code
+    start = time.time()
     mine = torch.arange(N)[rank::world]
     images = []
     for start in tqdm(range(0, len(mine), args.batch_size), disable=rank != 0, desc="sampling"):
@@ -117,9 +119,10 @@ def main(args):
             else:
                 save_image(torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255, args.out, nrow=8)
             how = f"AutoGuidance {args.ag_scale}" if bad else f"cfg {args.cfg}"
-            print(f"{N} samples, {args.steps} {args.sampler} steps, {how} -> {args.out}")
+            secs = time.time() - start
+            print(f"{N} samples, {args.steps} {args.sampler} steps, {how}, {secs:.1f}s ({N / secs:.1f} images/s) -> {args.out}")
     return args.out
 
 
 if __name__ == "__main__":
-    main(get_args())
+    R.run_cli(main, get_args)

@@ -126,7 +126,7 @@ def main(args):
     recipe = R.override(R.DiTRecipe(**resume["recipe"]) if resume else R.PRESETS[args.preset]["dit"], args)
 
     # The tokenizer: its EMA weights and its latent statistics (ours carry them; official ones need a file).
-    tok = R.load_tokenizer(args.tokenizer).to(device).eval().requires_grad_(False)
+    tok = R.load_model(args.tokenizer, "tokenizer").to(device).eval().requires_grad_(False)
     if args.latent_stats:
         mean, std = R.read_latent_stats(args.latent_stats)
         if mean.shape != tok.latent_mean.shape:
@@ -218,7 +218,8 @@ def main(args):
                 rate = (step - s_last) / (time.time() - t_last)
                 t_last, s_last = time.time(), step
                 R.log_json(log_path, {"step": step, "epoch": round(step / steps_per_epoch, 3), "lr": lr, "loss": loss.item(),
-                                      "grad_norm": grad_norm.item(), "steps_per_s": rate, "images_per_s": rate * recipe.batch_size})
+                                      "grad_norm": grad_norm.item(), "steps_per_s": rate, "images_per_s": rate * recipe.batch_size,
+                          **({"max_mem_gb": torch.cuda.max_memory_allocated() / 2**30} if device.type == "cuda" else {})})
                 bar.set_postfix(loss=f"{loss.item():.4f}")
             if rank == 0 and (step % args.image_every == 0 or step == total):
                 with R.autocast(device):
@@ -233,4 +234,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args())
+    R.run_cli(main, get_args)

@@ -38,7 +38,8 @@ def get_args(argv=None):
     for name in ("encoder", "decoder", "sem_decoder"):
         g.add_argument(f"--{name}", choices=list(R.VIT_SIZES))
     g.add_argument("--teacher", choices=list(R.TEACHERS), help="frozen VFM; 'random' = random stand-in, no semantics")
-    g.add_argument("--teacher_ckpt", help="local weight file of the teacher (timm format, e.g. model.safetensors)")
+    g.add_argument("--teacher_ckpt", help="local weight file of the teacher (timm format, e.g. model.safetensors); "
+                   "'random': the full-size architecture with random weights, for throughput benchmarks")
     g = p.add_argument_group("optimisation (default: from --preset)")
     g.add_argument("--batch_size", type=int, help="global batch size")
     g.add_argument("--epochs", type=float)
@@ -108,11 +109,11 @@ def main(args):
     if resume:
         model = R.RecTok(R.TokenizerConfig(**resume["config"]))
     elif args.init_from:
-        model = R.load_tokenizer(args.init_from, ema=False)
+        model = R.load_model(args.init_from, "tokenizer", ema=False)
         c = model.cfg
         recipe = replace(recipe, img_size=c.img_size, patch_size=c.patch_size, latent_dim=c.latent_dim)
     if args.stats_only:  # measure and store the latent statistics of an existing tokenizer (ours or official)
-        ema = R.load_tokenizer(args.init_from, ema=True).to(device).eval()
+        ema = R.load_model(args.init_from, "tokenizer", ema=True).to(device).eval()
         dataset = R.dataset_from_args(args, recipe.img_size)
         mean, std = measure_latent_stats(ema, dataset, args.stats_images, max(recipe.batch_size // world, 1), device, rank, world)
         for m in (model, ema):
@@ -128,7 +129,7 @@ def main(args):
         teacher = R.Teacher(recipe.teacher, recipe.img_size // recipe.patch_size, args.teacher_ckpt).to(device)
     if not (resume or args.init_from):
         model = R.RecTok(R.tokenizer_config(recipe, teacher.dim if teacher else 0))
-    ema = R.load_tokenizer(args.init_from, ema=True) if args.init_from else copy.deepcopy(model)
+    ema = R.load_model(args.init_from, "tokenizer", ema=True) if args.init_from else copy.deepcopy(model)
     if stage2:  # decoder fine-tuning: no semantic decoder; the encoder is frozen (the EMA then copies it)
         model.drop_semantic_decoder(), ema.drop_semantic_decoder()
         model.encoder.requires_grad_(False)
@@ -152,7 +153,6 @@ def main(args):
         model.load_state_dict(resume["model"]), ema.load_state_dict(resume["ema"]), disc.load_state_dict(resume["disc"])
         opt.load_state_dict(resume["opt"]), d_opt.load_state_dict(resume["d_opt"])
         step = resume["step"]
-        R.set_rng_state(resume["rng"][rank] if rank < len(resume["rng"]) else resume["rng"][0])
     net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
     forward = R.maybe_compile(net, args.compile)
 
@@ -182,6 +182,8 @@ def main(args):
                                           "ema": ema.state_dict(), "disc": disc.state_dict(), "opt": opt.state_dict(),
                                           "d_opt": d_opt.state_dict(), "rng": rngs})
 
+    if resume:  # last, so that nothing in the set-up above shifts the random streams
+        R.set_rng_state(resume["rng"][rank] if rank < len(resume["rng"]) else resume["rng"][0])
     bar = tqdm(total=total, initial=step, disable=rank != 0, dynamic_ncols=True)
     t_last, s_last = time.time(), step
     while step < total and step != args.stop_at:
@@ -228,7 +230,8 @@ def main(args):
                 t_last, s_last = time.time(), step
                 record = {"step": step, "epoch": round(step / steps_per_epoch, 3), "lr": lr, "loss": loss.item(),
                           **{k: v.item() for k, v in terms.items()}, "grad_norm": grad_norm.item(),
-                          "steps_per_s": rate, "images_per_s": rate * recipe.batch_size}
+                          "steps_per_s": rate, "images_per_s": rate * recipe.batch_size,
+                          **({"max_mem_gb": torch.cuda.max_memory_allocated() / 2**30} if device.type == "cuda" else {})}
                 R.log_json(log_path, record)
                 bar.set_postfix({k: f"{v.item():.4g}" for k, v in terms.items()})
             if rank == 0 and (step % args.image_every == 0 or step == total):
@@ -279,4 +282,4 @@ class WithTeacherFeatures(torch.utils.data.Dataset):
 
 
 if __name__ == "__main__":
-    main(get_args())
+    R.run_cli(main, get_args)

@@ -1,0 +1,369 @@
+"""
+eval.py: measure a RecTok tokenizer and generator the way the field does.
+
+RecTok: Reconstruction Distillation along Rectified Flow (Shi et al., arXiv 2512.13421). Protocols of the
+official evaluation (utils/train_utils.py): PSNR on the float reconstruction, rFID of uint8 reconstructions
+against the same centre-cropped images, gFID and IS with the TF-ported FID Inception (the network pytorch-fid
+builds, weights pt_inception-2015-12-05-6726825d.pth), Frechet distance in float64, IS with 10 splits. For the
+embedded shapes, where no pretrained network applies, a small classifier trained once on them gives the class
+accuracy of samples and a Frechet distance in its feature space.
+
+  python eval.py recon --ckpt runs/quick_tok_ft/ckpt.pt                          # shapes: PSNR, SSIM, FD
+  python eval.py recon --ckpt runs/tok/ckpt.pt --data_path IMAGENET/val          # rFID, PSNR, SSIM
+  python eval.py stats --data_path IMAGENET/val --out val_256.npz                # reference mu, sigma
+  python eval.py gen --samples samples.npz --ref_stats VIRTUAL_imagenet256_labeled.npz   # FID, IS
+  python eval.py gen --samples runs/quick_dit/samples.npz --shapes               # class accuracy, FD
+  python eval.py probe --ckpt runs/tok/ckpt.pt                                   # linear probe along the flow
+"""
+import argparse
+import glob
+import os
+import re
+import sys
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.models.inception import BasicConv2d, Inception3, InceptionA, InceptionAux, InceptionB, InceptionC, InceptionD, InceptionE
+from tqdm import tqdm
+
+import rectok as R
+
+# ----------------------------------------------------------------------------- the FID Inception
+
+
+def _tf_avg_pool(x):  # the TF graph's 3x3 average pool ignores the zero padding
+    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+
+
+class FIDInceptionA(InceptionA):
+    def forward(self, x):
+        b5, b3 = self.branch5x5_2(self.branch5x5_1(x)), self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        return torch.cat([self.branch1x1(x), b5, b3, self.branch_pool(_tf_avg_pool(x))], 1)
+
+
+class FIDInceptionC(InceptionC):
+    def forward(self, x):
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        b7d = self.branch7x7dbl_5(self.branch7x7dbl_4(self.branch7x7dbl_3(self.branch7x7dbl_2(self.branch7x7dbl_1(x)))))
+        return torch.cat([self.branch1x1(x), b7, b7d, self.branch_pool(_tf_avg_pool(x))], 1)
+
+
+class FIDInceptionE(InceptionE):
+    max_pool = False                                                       # the last block (Mixed_7c) max-pools
+
+    def forward(self, x):
+        b3 = self.branch3x3_1(x)
+        b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
+        b3d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        b3d = torch.cat([self.branch3x3dbl_3a(b3d), self.branch3x3dbl_3b(b3d)], 1)
+        pooled = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else _tf_avg_pool(x)
+        return torch.cat([self.branch1x1(x), b3, b3d, self.branch_pool(pooled)], 1)
+
+
+class FIDInception(Inception3):
+    """torchvision's Inception3 rebuilt as the TF FID graph (1008 classes, no aux head, TF pooling), so its
+    state-dict keys are pytorch-fid's and its pool features equal pytorch-fid's for the same weights.
+    forward: images (B, 3, H, W) in [0, 1] -> pool features (B, 2048), logits_unbiased (B, 1008) for IS."""
+    URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
+
+    def __init__(self):
+        blocks = [BasicConv2d, FIDInceptionA, InceptionB, FIDInceptionC, InceptionD, FIDInceptionE, InceptionAux]
+        super().__init__(num_classes=1008, aux_logits=False, inception_blocks=blocks, init_weights=False)
+        self.Mixed_7c.max_pool = True
+
+    def forward(self, x):
+        x = 2 * F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False) - 1  # as pytorch-fid
+        x = self.maxpool1(self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x))))     # (B, 64, 147, 147)
+        x = self.maxpool2(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)))                         # (B, 192, 35, 35)
+        x = self.Mixed_6a(self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x))))                    # (B, 768, 17, 17)
+        x = self.Mixed_7a(self.Mixed_6e(self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(x)))))     # (B, 1280, 8, 8)
+        pool = self.avgpool(self.Mixed_7c(self.Mixed_7b(x))).flatten(1)                      # (B, 2048)
+        return pool, pool @ self.fc.weight.T
+
+
+def load_inception(path=None):
+    """Weights from a file, the torch hub cache or the URL. 'random': He-initialised, for tests only."""
+    model = FIDInception()
+    if path == "random":
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    else:
+        model.load_state_dict(R.load_weights(path, FIDInception.URL, os.path.basename(FIDInception.URL), "--inception"))
+    return model.eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------- the metrics
+
+
+def feature_stats(features):
+    f = np.asarray(features, dtype=np.float64)
+    return f.mean(0), np.cov(f, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) in float64 without scipy: S1 S2 has the eigenvalues of
+    the symmetric PSD sqrt(S1) S2 sqrt(S1). Round-off eigenvalues are zeroed, which keeps rank-deficient
+    (few-sample) covariances exact where scipy's sqrtm drifts."""
+    def clean(w):
+        return np.where(w > w.max() * len(w) * np.finfo(np.float64).eps, w, 0.0)
+    s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    w, v = np.linalg.eigh(s1)
+    root1 = (v * np.sqrt(clean(w))) @ v.T
+    m = root1 @ s2 @ root1
+    diff = np.asarray(mu1, np.float64) - np.asarray(mu2, np.float64)
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(clean(np.linalg.eigvalsh((m + m.T) / 2))).sum())
+
+
+def inception_score(logits, splits=10, seed=2020):
+    """torch-fidelity's IS: shuffle (fixed seed), split in 10, exp(E KL(p(y|x) || p(y))) per split -> mean, std."""
+    logits = torch.as_tensor(logits).double()[np.random.RandomState(seed).permutation(len(logits))]
+    p, log_p = logits.softmax(1), logits.log_softmax(1)
+    scores = []
+    for part_p, part_log in zip(p.tensor_split(splits), log_p.tensor_split(splits)):
+        scores.append((part_p * (part_log - part_p.mean(0, keepdim=True).log())).sum(1).mean().exp().item())
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def psnr(x, y):
+    """Per-image PSNR of images in [0, 1]; identical images give inf (they are reported, not averaged away)."""
+    mse = (x.double() - y.double()).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(1 / mse)
+
+
+def ssim(x, y):
+    """Per-image SSIM (Wang et al. 2004): 11x11 Gaussian window, sigma 1.5, per channel, images in [0, 1]."""
+    g = torch.exp(-(torch.arange(11) - 5.0) ** 2 / (2 * 1.5**2))
+    w = (g[:, None] * g[None] / g.sum() ** 2).expand(3, 1, 11, 11).to(x)
+    mu_x, mu_y = F.conv2d(x, w, groups=3), F.conv2d(y, w, groups=3)
+    var_x, var_y = F.conv2d(x * x, w, groups=3) - mu_x**2, F.conv2d(y * y, w, groups=3) - mu_y**2
+    cov = F.conv2d(x * y, w, groups=3) - mu_x * mu_y
+    c1, c2 = 0.01**2, 0.03**2
+    return ((2 * mu_x * mu_y + c1) * (2 * cov + c2) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))).flatten(1).mean(1)
+
+
+def linear_probe(train_x, train_y, val_x, val_y, num_classes, epochs=200, lr=1e-2):
+    """Top-1 accuracy of a linear classifier (full-batch Adam, standardised features) trained on train_x.
+    A per-token linear classifier whose logits are averaged over tokens (the official probe) is the same
+    linear map applied to the token average, so features arrive pooled: (N, C)."""
+    mu, sd = train_x.mean(0), train_x.std(0) + 1e-6
+    train_x, val_x = (train_x - mu) / sd, (val_x - mu) / sd
+    head = nn.Linear(train_x.shape[1], num_classes)
+    opt = torch.optim.Adam(head.parameters(), lr=lr)
+    for _ in range(epochs):
+        opt.zero_grad()
+        F.cross_entropy(head(train_x), train_y).backward()
+        opt.step()
+    with torch.no_grad():
+        return (head(val_x).argmax(1) == val_y).float().mean().item()
+
+
+# ----------------------------------------------------------------------------- the embedded shapes' judge
+
+
+def shapes_classifier(size, num_classes=10, device="cpu"):
+    """A small CNN trained once on the embedded shapes (train seed 0), cached in the torch hub folder.
+    Returns (model, held-out accuracy); model(x in [0, 1]) -> (features (B, 128), logits)."""
+    def conv(i, o):
+        return [nn.Conv2d(i, o, 3, 2, 1), nn.BatchNorm2d(o), nn.GELU()]
+    net = nn.Sequential(*conv(3, 32), *conv(32, 64), *conv(64, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, num_classes))
+    path = os.path.join(torch.hub.get_dir(), f"rectok_shapes_classifier_{size}px_{num_classes}.pt")
+    if os.path.isfile(path):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        net.load_state_dict(state["model"])
+    else:
+        g = torch.Generator().manual_seed(0)
+        train, val = R.Shapes(6000, size, num_classes, seed=0), R.Shapes(1000, size, num_classes, seed=1)
+        opt = torch.optim.AdamW(net.parameters(), lr=2e-3)
+        with torch.enable_grad():
+            for _ in tqdm(range(6), desc="training the shapes classifier (once)"):
+                for x, y in torch.utils.data.DataLoader(train, 100, shuffle=True, generator=g):
+                    opt.zero_grad()
+                    F.cross_entropy(net(x * 0.5 + 0.5), y).backward()
+                    opt.step()
+        net.eval()
+        with torch.no_grad():
+            acc = np.mean([(net(x * 0.5 + 0.5).argmax(1) == y).float().mean().item() for x, y in torch.utils.data.DataLoader(val, 250)])
+        state = {"model": net.state_dict(), "val_acc": float(acc)}
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.save(state, path)
+    net.eval().requires_grad_(False).to(device)
+    return (lambda x: (net[:-1](x), net[-1](net[:-1](x)))), state["val_acc"]
+
+
+# ----------------------------------------------------------------------------- the four evaluations
+
+
+def judge(args, size, device):
+    """The network that scores images in [0, 1]: FID Inception, or for the shapes their classifier."""
+    if args.data_path is None and args.mode != "gen" or args.shapes:
+        model, acc = shapes_classifier(size, device=device)
+        print(f"shapes classifier: {acc:.1%} accuracy on held-out real shapes")
+        return model, "FD (shapes classifier)"
+    model = load_inception(args.inception).to(device)
+    return model, "FID"
+
+
+def check_count(n, args, what):
+    if n < 2048 and what == "FID":
+        if not args.allow_small:
+            sys.exit(f"{n} images are too few for FID (2048 or more); --allow_small computes it anyway")
+        return f"{n} images: NOT comparable with published FID"
+    return f"{n / 1000:g}K" if what == "FID" else f"{n} images"
+
+
+@torch.no_grad()
+def features(model, batches, device):
+    out = [[t.cpu() for t in model(x.to(device).float())] for x in batches]
+    return [torch.cat(parts).double() for parts in zip(*out)]
+
+
+@torch.no_grad()
+def recon(args, device):
+    tok = R.load_model(args.ckpt, "tokenizer").to(device).eval()
+    data = R.dataset_from_args(args, tok.cfg.img_size, train=False)
+    n = min(args.num_images or len(data), len(data))
+    net, what = judge(args, tok.cfg.img_size, device)
+    scores, feats_real, feats_rec, correct = [], [], [], []
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, range(n)), args.batch_size, num_workers=args.workers)
+    for img, label in tqdm(loader, desc="reconstructing"):
+        img = img.to(device)
+        with R.autocast(device):
+            rec = tok.reconstruct(img).float()                             # posterior mean -> [0, 1]
+        real = img * 0.5 + 0.5
+        scores.append(torch.stack([psnr(rec, real), ssim(rec, real)], 1).cpu())   # float recon, as official
+        feats_real.append(net(real)[0].cpu())
+        f_rec, logits = net((rec * 255).to(torch.uint8).float() / 255)     # uint8 by truncation
+        feats_rec.append(f_rec.cpu())
+        correct.append(logits.argmax(1).cpu() == label)
+    scores = torch.cat(scores)
+    ref = np.load(args.ref_stats) if args.ref_stats else feature_stats(torch.cat(feats_real))
+    fd = frechet_distance(*feature_stats(torch.cat(feats_rec)), *(ref["mu"], ref["sigma"]) if args.ref_stats else ref)
+    count = check_count(n, args, what)
+    print(f"reconstruction of {n} held-out images ({args.data_path or 'embedded shapes, seed 1'}), EMA weights")
+    print(f"  PSNR {scores[:, 0].mean():.2f} dB   SSIM {scores[:, 1].mean():.4f}   r{what}-{count} {fd:.3f} "
+          f"(vs {'the originals' if not args.ref_stats else os.path.basename(args.ref_stats)})")
+    if what != "FID":
+        print(f"  reconstructions classified as their class: {torch.cat(correct).float().mean():.1%}")
+    return {"psnr": scores[:, 0].mean().item(), "ssim": scores[:, 1].mean().item(), "fd": fd}
+
+
+@torch.no_grad()
+def stats(args, device):
+    data = R.ImageFolderSubset(args.data_path, args.img_size, args.num_classes, args.images_per_class)
+    n = min(args.num_images or len(data), len(data))
+    net = load_inception(args.inception).to(device)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, range(n)), args.batch_size, num_workers=args.workers)
+    pool = features(net, (x * 0.5 + 0.5 for x, _ in tqdm(loader, desc="inception features")), device)[0]
+    mu, sigma = feature_stats(pool)
+    np.savez(args.out, mu=mu, sigma=sigma)
+    print(f"reference statistics of {n} images ({args.data_path}, ADM crop {args.img_size}) -> {args.out}")
+    return args.out
+
+
+def load_samples(path):
+    """uint8 (N, H, W, 3) and labels (or None) from an .npz (arr_0, labels) or a folder of PNGs."""
+    if path.endswith(".npz"):
+        d = np.load(path)
+        return d["arr_0"], d["labels"] if "labels" in d else None
+    files = sorted(glob.glob(os.path.join(path, "*.png")))
+    if not files:
+        sys.exit(f"no .npz and no PNG files at {path}")
+    labels = [re.search(r"class(\d+)", os.path.basename(f)) for f in files]
+    return (np.stack([np.array(Image.open(f).convert("RGB")) for f in files]),
+            np.array([int(m.group(1)) for m in labels]) if all(labels) else None)
+
+
+@torch.no_grad()
+def gen(args, device):
+    images, labels = load_samples(args.samples)
+    n, size = len(images), images.shape[1]
+    net, what = judge(args, size, device)
+    batches = (torch.from_numpy(images[i: i + args.batch_size]).permute(0, 3, 1, 2).float() / 255 for i in range(0, n, args.batch_size))
+    feats, logits = features(net, tqdm(batches, desc="features", total=-(-n // args.batch_size)), device)
+    count = check_count(n, args, what)
+    if what == "FID":
+        if not args.ref_stats:
+            sys.exit("gen needs --ref_stats (the ADM reference batch VIRTUAL_imagenet256_labeled.npz, or eval.py stats)")
+        ref = np.load(args.ref_stats)
+        fid, (is_mean, is_std) = frechet_distance(*feature_stats(feats), ref["mu"], ref["sigma"]), inception_score(logits)
+        print(f"FID-{count} vs {os.path.basename(args.ref_stats)}: {fid:.3f}   IS: {is_mean:.2f} +- {is_std:.2f}")
+        return {"fid": fid, "is": is_mean}
+    real = R.Shapes(max(n, 1000), size, seed=1)
+    real_feats = features(net, (x * 0.5 + 0.5 for x, _ in torch.utils.data.DataLoader(real, 250)), device)[0]
+    fd = frechet_distance(*feature_stats(feats), *feature_stats(real_feats))
+    acc = (logits.argmax(1).numpy() == labels).mean() if labels is not None else float("nan")
+    print(f"embedded shapes, {count} generated: class accuracy {acc:.1%} (classifier's view of the conditioning "
+          f"label)   {what} {fd:.3f} vs {len(real)} held-out real shapes")
+    return {"accuracy": float(acc), "fd": fd}
+
+
+@torch.no_grad()
+def probe(args, device):
+    """Linear probing of the latent (posterior mean, unnormalised, as FSD sees it) at the clean latent and
+    along the flow x_t = t mu + (1 - t) eps, trained and tested at the same t (paper's probing table)."""
+    tok = R.load_model(args.ckpt, "tokenizer").to(device).eval()
+    sets = [R.dataset_from_args(args, tok.cfg.img_size, train=True)]
+    if args.data_path is None:
+        sets.append(R.dataset_from_args(args, tok.cfg.img_size, train=False))
+    else:
+        if not args.val_path:
+            sys.exit("probe on a folder needs --val_path VAL_FOLDER")
+        sets.append(R.ImageFolderSubset(args.val_path, tok.cfg.img_size, sets[0].classes, args.images_per_class))
+    g = torch.Generator().manual_seed(0)
+    pooled = []                                                            # per set: (len(ts), N, C), labels
+    for data in sets:
+        n = min(args.num_images or len(data), len(data))
+        feats, labels = [], []
+        for img, y in tqdm(torch.utils.data.DataLoader(torch.utils.data.Subset(data, range(n)), args.batch_size), desc="latents"):
+            mu = tok.encode(img.to(device))[0].cpu()                       # (B, L, C)
+            eps = torch.randn(mu.shape, generator=g)
+            feats.append(torch.stack([(t * mu + (1 - t) * eps).mean(1) for t in args.probe_ts]))
+            labels.append(y)
+        pooled.append((torch.cat(feats, 1), torch.cat(labels)))
+    (train_x, train_y), (val_x, val_y) = pooled
+    K = len(sets[0].classes)
+    with torch.enable_grad():
+        accs = {t: linear_probe(train_x[i], train_y, val_x[i], val_y, K) for i, t in enumerate(args.probe_ts)}
+    print(f"linear probe, {len(train_y)} train / {len(val_y)} val images, {K} classes (chance {1 / K:.1%}):")
+    print("  " + "   ".join(f"t={t:g}: {a:.1%}" for t, a in accs.items()))
+    return accs
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", choices=["recon", "stats", "gen", "probe"])
+    p.add_argument("--ckpt", help="tokenizer checkpoint (recon, probe)")
+    p.add_argument("--samples", help="gen: samples .npz or folder of PNGs")
+    p.add_argument("--ref_stats", help="reference statistics .npz with mu and sigma")
+    p.add_argument("--shapes", action="store_true", help="gen: samples of the embedded shapes (classifier metrics)")
+    p.add_argument("--out", help="stats: output .npz")
+    p.add_argument("--data_path", help="image folder (default: the embedded shapes)")
+    p.add_argument("--val_path", help="probe: labelled validation folder")
+    p.add_argument("--num_classes", type=int)
+    p.add_argument("--class_list")
+    p.add_argument("--images_per_class", type=int)
+    p.add_argument("--shapes_n", type=int, default=4000, help="probe: embedded training images")
+    p.add_argument("--num_images", type=int, help="use at most N images")
+    p.add_argument("--img_size", type=int, default=256, help="stats: ADM centre-crop size")
+    p.add_argument("--probe_ts", type=float, nargs="+", default=[0.2, 0.4, 0.6, 0.8, 1.0])
+    p.add_argument("--inception", help="pt_inception-2015-12-05-6726825d.pth (default: torch hub cache or URL)")
+    p.add_argument("--allow_small", action="store_true", help="compute FID on fewer than 2048 images")
+    p.add_argument("--batch_size", type=int, default=50)
+    p.add_argument("--workers", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(args):
+    needs = {"recon": "ckpt", "probe": "ckpt", "gen": "samples", "stats": "data_path"}
+    if getattr(args, needs[args.mode]) is None or (args.mode == "stats" and not args.out):
+        sys.exit(f"eval.py {args.mode} needs --{needs[args.mode]}" + (" and --out" if args.mode == "stats" else ""))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return {"recon": recon, "stats": stats, "gen": gen, "probe": probe}[args.mode](args, device)
+
+
+if __name__ == "__main__":
+    R.run_cli(main, get_args)

@@ -1,0 +1,408 @@
+"""
+test_rectok.py: the invariants a reader of rectok.py relies on, parity with the official code, and the
+scripts end to end. RecTok (arXiv 2512.13421). CPU only, tiny models, about a minute:
+
+  python -m pytest -q test_rectok.py
+"""
+import math
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import rectok as R
+
+FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "fixtures", "official_parity.pt")
+warnings.filterwarnings("ignore", message="teacher .* with random weights")
+
+
+@pytest.fixture(scope="module")
+def fx():
+    return torch.load(FIXTURE, weights_only=True)
+
+
+torch.set_num_threads(1)  # the fixture was computed single-threaded, and runs compared bit for bit must match
+
+
+def tiny_tokenizer(teacher_dim=24):
+    return R.RecTok(R.TokenizerConfig(32, 8, 4, (32, 1, 2), (32, 1, 2), (32, 1, 2), teacher_dim))
+
+
+# ----------------------------------------------------------------------------- parity with the official code
+
+def test_tokenizer_parity(fx):
+    tok = R.convert_official_tokenizer(fx["tok_state_dict"], heads={64: 2}).eval()
+    with torch.no_grad():
+        mean, logvar = tok.encode(fx["tok_x"])
+        outs = {"tok_moments": tok.encoder(fx["tok_x"]), "tok_mean": mean, "tok_logvar": logvar,
+                "tok_decoded": tok.decoder(fx["tok_mean"]),
+                "tok_decoded_masked": tok.decoder(fx["tok_zt_visible"], fx["tok_ids_restore"]),
+                "tok_sem_masked": tok.sem_decoder(fx["tok_zt_visible"], fx["tok_ids_restore"]),
+                "tok_enc_masked_moments": tok.encoder(fx["tok_x"], fx["tok_enc_ids_keep"])}
+    for key, out in outs.items():
+        assert (out - fx[key]).abs().max() < 1e-5, key
+    torch.manual_seed(fx["tok_enc_mask_seed"])                             # same draw, same masks
+    ids_keep, ids_restore = R.random_masking(2, 64, 48)
+    assert torch.equal(ids_keep, fx["tok_enc_ids_keep"]) and torch.equal(ids_restore, fx["tok_enc_ids_restore"])
+    assert torch.allclose(torch.cat(list(tok.encoder.rope), dim=1), fx["tok_rope"], atol=1e-6)
+    # The official noise level tau = 1 - t; its shift s_c = alpha = 1/s, and t = shift_s(1 - u) for the same u.
+    tau = 1 - R.shift_time(1 - fx["tok_u"], 1 / fx["tok_timestep_shift"])
+    assert torch.allclose(tau, fx["tok_tau"], atol=1e-6)
+
+
+def test_dit_parity(fx):
+    dit = R.convert_official_dit(fx["dit_state_dict"], heads={64: 2, 96: 2}).eval()
+    with torch.no_grad():
+        assert (dit(fx["dit_x"], fx["dit_t"], fx["dit_y"]) - fx["dit_v"]).abs().max() < 1e-5
+        v_cfg = R.guided_velocity(dit, fx["dit_x"], fx["dit_t"], fx["dit_y"], cfg=fx["dit_cfg_scale"])
+        assert (v_cfg - fx["dit_v_cfg"][:2]).abs().max() < 1e-5
+        # The tiny fixture model has h*w*C < 4096, where the official DiT skips its training shift and warps
+        # its grid the other way; our one shift formula is checked on the released models' shift (sqrt 8)
+        # instead, and the samplers get the fixture's own grid.
+        assert (R.time_grid(5, 1 / fx["dit_ref_shift"]) - fx["dit_grid_ref"]).abs().max() < 1e-6
+        assert (R.shift_time(1 - fx["dit_u"], 1 / fx["dit_ref_shift"]) - fx["dit_t_train_ref"]).abs().max() < 1e-6
+        for cfg, key in ((1.0, "dit_sample"), (fx["dit_cfg_scale"], "dit_sample_cfg")):
+            x = R.sample(dit, fx["dit_noise"], fx["dit_y"], fx["dit_grid"], cfg=cfg)
+            assert (x - fx[key]).abs().max() < 1e-5, key
+
+
+def test_official_checkpoint_files(tmp_path, fx):
+    # A released-style file: {"model": ..., "model_ema": ...}; the EMA is what load_* picks.
+    sd = fx["dit_state_dict"]
+    torch.save({"model": sd, "model_ema": {k: v + 1 for k, v in sd.items() if "rope" not in k and "pos_embed" not in k
+                                           and "t_embedder.W" not in k}}, tmp_path / "dit.pth")
+    with pytest.raises(ValueError, match="heads"):                         # width 64 is no official size
+        R.load_model(str(tmp_path / "dit.pth"), "dit")
+    with pytest.raises(ValueError, match="not a tokenizer checkpoint"):
+        R.load_checkpoint(str(tmp_path / "dit.pth"), "tokenizer")
+
+
+# ----------------------------------------------------------------------------- building blocks and tokenizer
+
+def test_rope_tables():
+    D, G = 8, 4
+    rope = R.tokenizer_rope(D, G)                                          # closed form of the official recipe
+    f = 7.0 * (7.0 / 7e-4) ** (-torch.arange(D // 4) / (D // 4 - 1))
+    for n, c in [(5, 1), (15, 3), (7, 6)]:
+        i, j = divmod(n, G)
+        ang = 2 * math.pi * (i / (G - 1) * f[c % (D // 4)] if c < D // 2 else j / (G - 1) * f[(c - D // 2) % (D // 4)])
+        assert abs(rope[0, n, c] - math.cos(ang)) < 1e-5 and abs(rope[1, n, c] - math.sin(ang)) < 1e-5
+    x = torch.randn(1, 1, G * G, D)                                        # the DiT's is a true rotation
+    assert torch.allclose(R.apply_rope(x, R.dit_rope(D, G)).norm(dim=-1), x.norm(dim=-1), atol=1e-5)
+
+
+def test_unpatchify_and_shapes():
+    p, img = 4, torch.randn(2, 3, 8, 12)
+    patches = img.view(2, 3, 2, p, 3, p).permute(0, 3, 5, 1, 2, 4).reshape(2, p * p * 3, 2, 3)  # channel (p1, p2, c)
+    assert torch.equal(R.unpatchify(patches, p), img)
+    tok = tiny_tokenizer()
+    recon, sem, kl = tok(torch.randn(2, 3, 32, 32), mask_ratio=0.4)
+    assert recon.shape == (2, 3, 32, 32) and sem.shape == (2, 16, 24) and kl.ndim == 0
+
+
+def test_masking_restores_grid():
+    torch.manual_seed(0)
+    ids_keep, ids_restore = R.random_masking(3, 16, 10)
+    tokens = torch.randn(3, 16, 5)
+    visible = tokens.gather(1, ids_keep[..., None].expand(-1, -1, 5))
+    dec = tiny_tokenizer().decoder
+    dec.embed = torch.nn.Identity()                                        # look at the restored sequence itself
+    dec.mask_token = torch.nn.Parameter(torch.full((1, 1, 5), 99.0))
+    dec.body = lambda x: x
+    restored = dec.restore(visible, ids_restore)
+    masked = torch.ones(3, 16, dtype=torch.bool).scatter(1, ids_keep, False)
+    assert torch.equal(restored[~masked], tokens[~masked]) and (restored[masked] == 99).all()
+    assert torch.equal(ids_restore.argsort(1)[:, :10], ids_keep)          # ids_restore inverts the shuffle
+
+
+def test_shift_and_time_grid():
+    s = 1 / math.sqrt(8)
+    u = torch.rand(1000, dtype=torch.float64)
+    assert torch.allclose(R.shift_time(u, s), 1 - R.shift_time(1 - u, 1 / s))  # the two official forms agree
+    assert abs(R.shift_time(torch.tensor(0.5), s) - 1 / (1 + math.sqrt(8))) < 1e-6  # median 0.261
+    torch.manual_seed(0)
+    assert abs((R.sample_t(200_000, s) > 0.5).float().mean() - 1 / (1 + math.sqrt(8))) < 0.005
+    grid = R.time_grid(149, s)
+    assert grid[0] == 0 and grid[-1] == 1 and (grid.diff() > 0).all()
+    assert abs(grid[1] - 0.0024) < 1e-4 and abs(1 - grid[-2] - 0.0188) < 1e-4  # method.md's step sizes
+    assert R.flow_shift(16, 128) == pytest.approx(s)
+
+
+def test_fsd_rad_by_hand(monkeypatch):
+    """Both decoders get the same x_t = t z + (1 - t) eps of the posterior sample; the losses equal their formulas."""
+    tok = tiny_tokenizer()
+    seen = {}
+    monkeypatch.setattr(tok.decoder, "forward", lambda z, ids: seen.setdefault("pix", (z, ids)) and torch.zeros(2, 3, 32, 32))
+    monkeypatch.setattr(tok.sem_decoder, "forward", lambda z, ids: seen.setdefault("sem", (z, ids)) and torch.zeros(2, 16, 24))
+    img = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(1)
+    tok(img, mask_ratio=0.25)
+    torch.manual_seed(1)                                                   # replay the draws by hand
+    ids_keep, ids_restore = R.random_masking(2, 16, 12)
+    mean, logvar = tok.encode(img, ids_keep)
+    z = mean + (0.5 * logvar).exp() * torch.randn_like(mean)
+    t = R.sample_t(2, tok.shift)[:, None, None]
+    x_t = t * z + (1 - t) * torch.randn_like(z)
+    assert torch.allclose(seen["pix"][0], x_t) and seen["sem"][0] is seen["pix"][0]
+    assert torch.equal(seen["pix"][1], ids_restore)
+    a, b = torch.randn(2, 5, 7), torch.randn(2, 5, 7)
+    cos = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+    assert torch.allclose(R.semantic_loss(a, b), (1 - cos).mean())
+    m, lv = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    assert torch.allclose(R.kl_divergence(m, lv), 0.5 * (m**2 + lv.exp() - 1 - lv).sum() / 2)
+    ratios = torch.tensor([R.sample_mask_ratio() for _ in range(4000)])
+    assert abs((ratios == 0).float().mean() - 0.2) < 0.03 and ratios.max() <= 0.4
+
+
+def test_overfit_one_batch():
+    torch.manual_seed(0)
+    tok = R.RecTok(R.TokenizerConfig(32, 8, 8, (64, 2, 2), (64, 2, 2), (32, 1, 2), 0))
+    img = torch.stack([R.Shapes(8, 32)[i][0] for i in range(8)])
+    opt = torch.optim.AdamW(tok.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(300):
+        recon, _, kl = tok(img, noise=False)
+        loss = F.mse_loss(recon * 0.5 + 0.5, img * 0.5 + 0.5) + 1e-6 * kl
+        opt.zero_grad(), loss.backward(), opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
+
+
+# ----------------------------------------------------------------------------- DiT, flow and sampler
+
+def tiny_dit(num_classes=3):
+    dit = R.DiTDH(R.DiTConfig(4, 4, num_classes, 1, (32, 1, 2), (48, 1, 2)))
+    for p in dit.parameters():                                             # leave adaLN-Zero's identity start
+        p.data.add_(0.05 * torch.randn_like(p)) if p.requires_grad else None
+    return dit.eval()
+
+
+def test_samplers_and_guidance():
+    x0, x1, c, y = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4), torch.zeros(2, dtype=torch.long)
+    to_x1 = lambda x, t, y: (x1 - x) / (1 - t.view(-1, 1, 1, 1))          # noqa: E731 exact field towards x1
+    assert torch.allclose(R.sample(to_x1, x0, y, R.time_grid(7, 0.5)), x1, atol=1e-5)  # Euler lands on x1
+    linear_in_t = lambda x, t, y: t.view(-1, 1, 1, 1) * c                 # noqa: E731 x(1) = x0 + c/2
+    assert torch.allclose(R.sample(linear_in_t, x0, y, R.time_grid(5, 0.5), "heun"), x0 + c / 2, atol=1e-5)
+    assert not torch.allclose(R.sample(linear_in_t, x0, y, R.time_grid(5, 0.5), "euler"), x0 + c / 2, atol=1e-3)
+    dit, x, t, y = tiny_dit(), torch.randn(2, 4, 4, 4), torch.tensor([0.3, 0.8]), torch.tensor([0, 2])
+    with torch.no_grad():
+        v = dit(x, t, y)
+        assert torch.allclose(R.guided_velocity(dit, x, t, y, cfg=1.0), v)
+        assert torch.allclose(R.guided_velocity(dit, x, t, y, cfg=3.0, bad_model=dit), v, atol=1e-6)
+        v_null = dit(x, t, torch.full_like(y, 3))
+        assert torch.allclose(R.guided_velocity(dit, x, t, y, cfg=2.0), 2 * v - v_null, atol=1e-5)
+        off = R.guided_velocity(dit, x, t, y, cfg=2.0, interval=(0.5, 1.0))  # guided only where t in [0.5, 1]
+        assert torch.allclose(off[0], v[0], atol=1e-6) and not torch.allclose(off[1], v[1], atol=1e-4)
+
+
+def test_flow_matching_loss_by_hand():
+    dit, z, y = tiny_dit(), torch.randn(3, 4, 4, 4), torch.tensor([0, 1, 2])
+    torch.manual_seed(5)
+    loss = R.flow_matching_loss(dit, z, y, 0.5, 3, label_drop=0.5)
+    torch.manual_seed(5)
+    t = R.sample_t(3, 0.5)
+    eps = torch.randn_like(z)
+    y_drop = torch.where(torch.rand(3) < 0.5, 3, y)
+    x_t = t.view(3, 1, 1, 1) * z + (1 - t.view(3, 1, 1, 1)) * eps
+    assert torch.allclose(loss, ((dit(x_t, t, y_drop) - (z - eps)) ** 2).mean())
+
+
+# ----------------------------------------------------------------------------- data and checkpoints
+
+def test_image_folder_bad_inputs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        R.ImageFolderSubset(str(tmp_path / "nowhere"), 32)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images"):
+        R.ImageFolderSubset(str(tmp_path / "empty"), 32)
+    root = make_image_folder(tmp_path / "data")
+    ds = R.ImageFolderSubset(str(root), 32)
+    with pytest.warns(UserWarning, match="skipping unreadable"):
+        items = [ds[i] for i in range(len(ds))]
+    assert len(ds.unreadable) == 3 and all(x.shape == (3, 32, 32) and -1 <= x.min() <= x.max() <= 1 for x, _ in items)
+    assert len(R.ImageFolderSubset(str(root), 32, classes=["b"])) == 4 and len(R.ImageFolderSubset(str(root), 32, per_class=1)) == 2
+    with pytest.raises(ValueError, match="not found"):
+        R.ImageFolderSubset(str(root), 32, classes=["zebra"])
+
+
+def make_image_folder(root):
+    """Two classes; greyscale, CMYK, RGBA and palette images, plus a truncated JPEG, an empty file and text."""
+    for c in "ab":
+        (root / c).mkdir(parents=True)
+    rgb = Image.fromarray((np.random.RandomState(0).rand(40, 50, 3) * 255).astype(np.uint8))
+    rgb.save(root / "a" / "rgb.png"), rgb.convert("L").save(root / "a" / "grey.png"), rgb.convert("CMYK").save(root / "a" / "cmyk.jpg")
+    rgb.convert("RGBA").save(root / "b" / "rgba.png"), rgb.convert("P").save(root / "b" / "palette.png")
+    rgb.save(root / "b" / "full.jpg")
+    (root / "b" / "truncated.jpg").write_bytes((root / "b" / "full.jpg").read_bytes()[:200])
+    (root / "a" / "empty.jpg").write_bytes(b"")
+    (root / "b" / "text.jpeg").write_text("not an image")
+    os.remove(root / "b" / "full.jpg")
+    return root
+
+
+def test_checkpoint_roundtrip(tmp_path):
+    tok = tiny_tokenizer()
+    tok.latent_mean.fill_(0.5)
+    path = str(tmp_path / "tok.pt")
+    R.save_checkpoint(path, {"kind": "tokenizer", "config": R.asdict(tok.cfg), "model": tok.state_dict(), "ema": tok.state_dict()})
+    assert not os.path.exists(path + ".tmp")
+    back = R.load_model(path, "tokenizer")                                # torch.load(..., weights_only=True)
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), tok.state_dict().values()))
+    with pytest.raises(ValueError, match="not a dit checkpoint"):
+        R.load_model(path, "dit")
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        R.load_checkpoint(str(tmp_path / "junk.pt"), "tokenizer")
+
+
+# ----------------------------------------------------------------------------- the scripts end to end
+
+import eval as evaluate  # noqa: E402
+import sample  # noqa: E402
+import train_dit  # noqa: E402
+import train_tokenizer  # noqa: E402
+
+TOK = ["--preset", "quick", "--teacher", "random", "--img_size", "32", "--encoder", "micro", "--decoder", "micro",
+       "--batch_size", "8", "--shapes_n", "32", "--log_every", "1", "--image_every", "2", "--ckpt_every", "2",
+       "--stats_images", "16", "--gan_weight", "0.1", "--gan_start_epoch", "0"]
+DIT = ["--preset", "quick", "--patch_size", "1", "--batch_size", "8", "--shapes_n", "32", "--log_every", "1",
+       "--image_every", "2", "--ckpt_every", "2", "--sample_steps", "2"]
+
+
+def run(script, flags, out, *extra):
+    return script.main(script.get_args([*flags, "--out", str(out), *extra]))
+
+
+def same_state(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    os.environ["TORCH_HOME"] = str(root / "torch_home")
+    torch.hub.set_dir(str(root / "torch_home" / "hub"))
+    tok = run(train_tokenizer, TOK, root / "tok", "--steps", "4")
+    return root, tok
+
+
+def test_tokenizer_script_resumes_exactly(runs, tmp_path):
+    root, full = runs
+    run(train_tokenizer, TOK, tmp_path, "--steps", "4", "--stop_at", "2")
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 2
+    run(train_tokenizer, TOK, tmp_path, "--steps", "4", "--resume")
+    a, b = torch.load(full, weights_only=True), torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    for key in ("model", "ema", "disc"):
+        assert same_state(a[key], b[key]), key
+    log = [eval_json(line) for line in open(root / "tok" / "log.jsonl")]
+    assert {"pixel", "kl", "semantic", "gan", "disc", "lr", "grad_norm", "steps_per_s"} <= log[-1].keys()
+    assert os.path.exists(root / "tok" / "recon_000004.png")
+    # The teacher is never saved: no teacher weights in any state dict, only the semantic decoder's output width.
+    assert not any("teacher" in k or k.startswith("model.") for k in a["model"])
+    assert a["model"]["sem_decoder.out.weight"].shape[0] == a["config"]["teacher_dim"] == 384
+    assert (a["ema"]["latent_std"] != 1).all()                             # statistics measured and stored
+
+
+def eval_json(line):
+    import json
+    return json.loads(line)
+
+
+def test_decoder_finetune_and_bad_input(runs, tmp_path, monkeypatch):
+    root, stage1 = runs
+    ft = run(train_tokenizer, TOK, tmp_path / "ft", "--decoder_finetune", "--init_from", stage1, "--steps", "2")
+    a, b = torch.load(stage1, weights_only=True), torch.load(ft, weights_only=True)
+    assert not any(k.startswith("sem_decoder") for k in b["model"])
+    enc = [k for k in b["model"] if k.startswith("encoder.")]
+    assert all(torch.equal(b["model"][k], a["model"][k]) and torch.equal(b["ema"][k], a["model"][k]) for k in enc)
+    assert not all(torch.equal(b["model"][k], a["model"][k]) for k in b["model"] if k.startswith("decoder."))
+    with pytest.raises(SystemExit, match="need --init_from"):
+        run(train_tokenizer, TOK, tmp_path / "x", "--decoder_finetune")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run(train_tokenizer, TOK, tmp_path / "x", "--data_path", str(tmp_path / "missing"))
+    data = make_image_folder(tmp_path / "data")                            # odd images: converted or skipped
+    with pytest.warns(UserWarning, match="skipping unreadable"):
+        run(train_tokenizer, TOK, tmp_path / "folder", "--data_path", str(data), "--batch_size", "2", "--steps", "1")
+    monkeypatch.setattr(R, "kl_divergence", lambda mean, logvar: torch.tensor(float("nan")))
+    with pytest.raises(SystemExit, match="non-finite loss at step 2.*intact"):
+        run(train_tokenizer, TOK, tmp_path / "ft", "--steps", "4", "--resume")
+    assert torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=True)["step"] == 2
+
+
+def test_dit_sample_eval(runs, tmp_path):
+    root, tok = runs
+    full = run(train_dit, DIT, tmp_path / "full", "--tokenizer", tok, "--steps", "4")
+    run(train_dit, DIT, tmp_path / "half", "--tokenizer", tok, "--steps", "4", "--stop_at", "2")
+    run(train_dit, DIT, tmp_path / "half", "--tokenizer", tok, "--steps", "4", "--resume")
+    a, b = torch.load(full, weights_only=True), torch.load(tmp_path / "half" / "ckpt.pt", weights_only=True)
+    assert same_state(a["model"], b["model"]) and same_state(a["ema"], b["ema"])
+    assert os.path.exists(tmp_path / "full" / "samples_000004.png")
+    with pytest.raises(ValueError, match="not a tokenizer checkpoint"):   # a checkpoint of the wrong kind
+        run(train_dit, DIT, tmp_path / "x", "--tokenizer", full)
+    other = run(train_tokenizer, TOK, tmp_path / "tok8", "--steps", "1", "--latent_dim", "8")
+    with pytest.raises(SystemExit, match="latent width 16, but the tokenizer/data give 8"):
+        run(train_dit, DIT, tmp_path / "full", "--tokenizer", other, "--resume")
+    with pytest.raises(SystemExit, match="different tokenizer"):
+        run(train_dit, DIT, tmp_path / "y", "--tokenizer", other, "--latent_cache", str(tmp_path / "full" / "latents.npy"))
+    grid = sample.main(sample.get_args(["--ckpt", full, "--out", str(tmp_path / "grid.png"), "--steps", "2"]))
+    assert Image.open(grid).size[0] > 32
+    npz = sample.main(sample.get_args(["--ckpt", full, "--out", str(tmp_path / "s.npz"), "--steps", "2", "--num_images", "20",
+                                       "--class_balanced", "--cfg", "1.5", "--sampler", "heun"]))
+    d = np.load(npz)
+    assert d["arr_0"].shape == (20, 32, 32, 3) and d["arr_0"].dtype == np.uint8 and list(d["labels"][:11]) == [*range(10), 0]
+    sample.main(sample.get_args(["--ckpt", full, "--out", str(tmp_path / "traj.png"), "--steps", "3", "--trajectory"]))
+    res = evaluate.main(evaluate.get_args(["gen", "--samples", npz, "--shapes", "--batch_size", "10"]))
+    assert 0 <= res["accuracy"] <= 1 and np.isfinite(res["fd"])
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048))
+    with pytest.raises(SystemExit, match="too few"):
+        evaluate.main(evaluate.get_args(["gen", "--samples", npz, "--ref_stats", str(ref), "--inception", "random"]))
+    res = evaluate.main(evaluate.get_args(["gen", "--samples", npz, "--ref_stats", str(ref), "--inception", "random", "--allow_small"]))
+    assert np.isfinite(res["fid"]) and res["is"] >= 1
+    res = evaluate.main(evaluate.get_args(["recon", "--ckpt", tok, "--num_images", "20"]))
+    assert 0 < res["psnr"] < 60
+    res = evaluate.main(evaluate.get_args(["probe", "--ckpt", tok, "--shapes_n", "40", "--num_images", "40"]))
+    assert set(res) == {0.2, 0.4, 0.6, 0.8, 1.0}
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def test_frechet_inception_score_psnr():
+    rng = np.random.RandomState(0)
+    mu, a = rng.randn(6), rng.randn(6, 6)
+    sigma = a @ a.T
+    assert abs(evaluate.frechet_distance(mu, sigma, mu, sigma)) < 1e-8
+    d1, d2, m2 = rng.rand(6) + 0.1, rng.rand(6) + 0.1, rng.randn(6)
+    closed = ((mu - m2) ** 2).sum() + (d1 + d2 - 2 * np.sqrt(d1 * d2)).sum()
+    assert abs(evaluate.frechet_distance(mu, np.diag(d1), m2, np.diag(d2)) - closed) < 1e-9
+    few = evaluate.feature_stats(rng.randn(20, 64))                        # rank 19 in 64 dimensions
+    assert abs(evaluate.frechet_distance(*few, *few)) < 1e-8
+    other = evaluate.feature_stats(rng.randn(20, 64) + 0.5)
+    assert np.isfinite(evaluate.frechet_distance(*few, *other)) and evaluate.frechet_distance(*few, *other) > 0
+    assert evaluate.inception_score(torch.zeros(100, 10)) == (pytest.approx(1.0), pytest.approx(0.0))
+    x = torch.rand(2, 3, 16, 16)
+    assert torch.isinf(evaluate.psnr(x, x)).all() and torch.allclose(evaluate.ssim(x, x), torch.ones(2))
+    assert evaluate.psnr(x, (x + 0.1).clamp(0, 1)).min() > 20
+
+
+def test_fid_inception_matches_pytorch_fid_layout():
+    import json
+    net = evaluate.load_inception("random")
+    keys = json.load(open(os.path.join(os.path.dirname(FIXTURE), "pytorch_fid_inception_keys.json")))
+    assert {k: list(v.shape) for k, v in net.state_dict().items()} == keys
+    pool, logits = net(torch.rand(2, 3, 64, 64))
+    assert pool.shape == (2, 2048) and logits.shape == (2, 1008) and torch.isfinite(pool).all()
+
+
+def test_linear_probe():
+    g = torch.Generator().manual_seed(0)
+    centres = 4 * torch.randn(5, 16, generator=g)
+    y = torch.arange(500) % 5
+    x = centres[y] + torch.randn(500, 16, generator=g)
+    assert evaluate.linear_probe(x[:400], y[:400], x[400:], y[400:], 5) > 0.97
+    shuffled = y[torch.randperm(500, generator=g)]
+    assert evaluate.linear_probe(x[:400], shuffled[:400], x[400:], shuffled[400:], 5) < 0.4
