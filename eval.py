@@ -202,17 +202,20 @@ def judge(args, size, device):
     if args.data_path is None and args.mode != "gen" or args.shapes:
         model, acc = shapes_classifier(size, device=device)
         print(f"shapes classifier: {acc:.1%} accuracy on held-out real shapes")
-        return model, "FD (shapes classifier)"
+        return model, "FD"
     model = load_inception(args.inception).to(device)
     return model, "FID"
 
 
-def check_count(n, args, what):
-    if n < 2048 and what == "FID":
+def metric_name(n, args, what):
+    """'FID-50K'; below 2,048 images a refusal, or with --allow_small a warning label; for the shapes, FD."""
+    if what != "FID":
+        return f"FD ({n} images, shapes-classifier features)"
+    if n < 2048:
         if not args.allow_small:
             sys.exit(f"{n} images are too few for FID (2048 or more); --allow_small computes it anyway")
-        return f"{n} images: NOT comparable with published FID"
-    return f"{n / 1000:g}K" if what == "FID" else f"{n} images"
+        return f"FID-{n} (fewer than 2048 images: NOT comparable with published FID)"
+    return f"FID-{n / 1000:g}K"
 
 
 @torch.no_grad()
@@ -227,6 +230,7 @@ def recon(args, device):
     data = R.dataset_from_args(args, tok.cfg.img_size, train=False)
     n = min(args.num_images or len(data), len(data))
     net, what = judge(args, tok.cfg.img_size, device)
+    metric_name(n, args, what)                                             # refuses small FID before the work
     scores, feats_real, feats_rec, correct = [], [], [], []
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, range(n)), args.batch_size, num_workers=args.workers)
     for img, label in tqdm(loader, desc="reconstructing"):
@@ -242,10 +246,9 @@ def recon(args, device):
     scores = torch.cat(scores)
     ref = np.load(args.ref_stats) if args.ref_stats else feature_stats(torch.cat(feats_real))
     fd = frechet_distance(*feature_stats(torch.cat(feats_rec)), *(ref["mu"], ref["sigma"]) if args.ref_stats else ref)
-    count = check_count(n, args, what)
     print(f"reconstruction of {n} held-out images ({args.data_path or 'embedded shapes, seed 1'}), EMA weights")
-    print(f"  PSNR {scores[:, 0].mean():.2f} dB   SSIM {scores[:, 1].mean():.4f}   r{what}-{count} {fd:.3f} "
-          f"(vs {'the originals' if not args.ref_stats else os.path.basename(args.ref_stats)})")
+    print(f"  PSNR {scores[:, 0].mean():.2f} dB   SSIM {scores[:, 1].mean():.4f}   r{metric_name(n, args, what)} "
+          f"vs {os.path.basename(args.ref_stats) if args.ref_stats else 'the originals'}: {fd:.3f}")
     if what != "FID":
         print(f"  reconstructions classified as their class: {torch.cat(correct).float().mean():.1%}")
     return {"psnr": scores[:, 0].mean().item(), "ssim": scores[:, 1].mean().item(), "fd": fd}
@@ -282,22 +285,22 @@ def gen(args, device):
     images, labels = load_samples(args.samples)
     n, size = len(images), images.shape[1]
     net, what = judge(args, size, device)
+    name = metric_name(n, args, what)                                      # refuses small FID before the work
     batches = (torch.from_numpy(images[i: i + args.batch_size]).permute(0, 3, 1, 2).float() / 255 for i in range(0, n, args.batch_size))
     feats, logits = features(net, tqdm(batches, desc="features", total=-(-n // args.batch_size)), device)
-    count = check_count(n, args, what)
     if what == "FID":
         if not args.ref_stats:
             sys.exit("gen needs --ref_stats (the ADM reference batch VIRTUAL_imagenet256_labeled.npz, or eval.py stats)")
         ref = np.load(args.ref_stats)
         fid, (is_mean, is_std) = frechet_distance(*feature_stats(feats), ref["mu"], ref["sigma"]), inception_score(logits)
-        print(f"FID-{count} vs {os.path.basename(args.ref_stats)}: {fid:.3f}   IS: {is_mean:.2f} +- {is_std:.2f}")
+        print(f"{name} vs {os.path.basename(args.ref_stats)}: {fid:.3f}   IS: {is_mean:.2f} +- {is_std:.2f}")
         return {"fid": fid, "is": is_mean}
     real = R.Shapes(max(n, 1000), size, seed=1)
     real_feats = features(net, (x * 0.5 + 0.5 for x, _ in torch.utils.data.DataLoader(real, 250)), device)[0]
     fd = frechet_distance(*feature_stats(feats), *feature_stats(real_feats))
     acc = (logits.argmax(1).numpy() == labels).mean() if labels is not None else float("nan")
-    print(f"embedded shapes, {count} generated: class accuracy {acc:.1%} (classifier's view of the conditioning "
-          f"label)   {what} {fd:.3f} vs {len(real)} held-out real shapes")
+    print(f"embedded shapes, {n} samples: class accuracy {acc:.1%} (the shapes classifier's class vs the conditioning "
+          f"label)   {name} vs {len(real)} held-out real shapes: {fd:.3f}")
     return {"accuracy": float(acc), "fd": fd}
 
 

@@ -164,7 +164,7 @@ class ViT(nn.Module):
 
 
 # =====================================================================================================
-# 2. Tokenizer: encoder, posterior, pixel decoder, semantic decoder (paper Sec. 3, Fig. 2)
+# 2. Tokenizer: encoder, posterior, pixel decoder, semantic decoder (the paper's pipeline figure)
 # =====================================================================================================
 
 
@@ -302,7 +302,7 @@ class RecTok(nn.Module):
         return (self.decoder(self.encode(img)[0]).float() * 0.5 + 0.5).clamp(0, 1)
 
     def forward(self, img, mask_ratio=0.0, noise=True):
-        """The training pass (paper Fig. 2). Returns the reconstruction (B, 3, H, W) on the [-1, 1] scale,
+        """The training pass (the paper's pipeline figure). Returns the reconstruction (B, 3, H, W) on the [-1, 1] scale,
         the semantic prediction (B, L, Dt) or None, and the KL term.
         Stage 1: RAD masking, posterior sample, FSD noising, both decoders on the same x_t.
         Decoder fine-tuning: mask_ratio=0, noise=False (the decoder still sees posterior samples)."""
@@ -321,14 +321,14 @@ class RecTok(nn.Module):
 
 
 # =====================================================================================================
-# 3. Flow Semantic Distillation and Reconstruction-Alignment Distillation (paper Sec. 3.2, 3.3)
+# 3. Flow Semantic Distillation and Reconstruction-Alignment Distillation (the paper's two methods)
 # =====================================================================================================
 # Time convention of the whole project: t = 1 is data, t = 0 is noise,
 #     x_t = t * x_1 + (1 - t) * eps,   velocity v = dx_t/dt = x_1 - eps,   sampling integrates t from 0 to 1.
 # This is the paper's pipeline figure and the official DiT/SiT code. The official tokenizer writes its noise
 # with a noise level tau = 1 - t; the distribution and x_t are the same.
 #
-# The dimension-dependent shift (RAE; paper Sec. 3.2): t = shift_s(u), u ~ U(0, 1), with
+# The dimension-dependent shift (from RAE; the paper uses it for FSD and the DiT): t = shift_s(u), u ~ U(0, 1),
 #     shift_s(u) = s*u / (1 + (s - 1)*u),   s = sqrt(4096 / (h*w*C)).
 # For the released 16x16x128 latent s = 1/sqrt(8): the median t is 0.26, most training mass near noise.
 # One formula serves the tokenizer's FSD noise, the DiT's training t and the sampling grid. It equals the
@@ -361,7 +361,7 @@ TEACHERS = {  # name -> (timm model, teacher patch size)
 
 
 class Teacher(nn.Module):
-    """Frozen vision foundation model (paper Sec. 3.2): patch-token features of the clean, unmasked image,
+    """Frozen vision foundation model (DINOv3-L/16 in the paper): patch-token features of the clean, unmasked image,
     after the model's final norm, with CLS and register tokens dropped, at the input resolution that gives
     the tokenizer's token grid. It is kept outside RecTok, so it is never in the tokenizer's state dict, EMA
     or checkpoints (the official code saves it by accident). Input: the image normalised with ImageNet
@@ -423,7 +423,7 @@ def random_masking(B, L, n_keep, device=None):
 
 
 # =====================================================================================================
-# 4. Losses (paper Sec. 3.4; official utils/losses.py). Images enter in [-1, 1]; terms are computed in fp32
+# 4. Losses (the paper's training objective; official utils/losses.py). Images enter in [-1, 1]; terms are computed in fp32
 #    on [0, 1] with the reconstruction left unclamped, as the official code does.
 # =====================================================================================================
 
@@ -661,7 +661,7 @@ class DiTDH(nn.Module):
 
 
 # =====================================================================================================
-# 6. Rectified flow: training loss and sampler (official transport/; the time convention is in Sec. 3)
+# 6. Rectified flow: training loss and sampler (official transport/; the time convention is in section 3)
 # =====================================================================================================
 
 
@@ -975,7 +975,10 @@ def load_model(path, kind, ema=True):
         state = ckpt["model_ema" if ema and "model_ema" in ckpt else "model"]
         return convert_official_tokenizer(state) if kind == "tokenizer" else convert_official_dit(state)
     model = RecTok(TokenizerConfig(**ckpt["config"])) if kind == "tokenizer" else DiTDH(DiTConfig(**ckpt["config"]))
-    model.load_state_dict(ckpt["ema" if ema else "model"])
+    try:
+        model.load_state_dict(ckpt["ema" if ema else "model"])
+    except (RuntimeError, KeyError) as e:
+        raise ValueError(f"{path!r}: the weights do not fit its own config ({e})") from e
     return model
 
 
@@ -1025,7 +1028,10 @@ def convert_official_tokenizer(sd, heads=None):
                           sem_decoder=_vit_size(sd, "sem_decoder.", heads) if has_sem else VIT_SIZES["tiny"],
                           teacher_dim=sd["sem_decoder.out.weight"].shape[0] if has_sem else 0)
     model = RecTok(cfg)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:
+        raise ValueError(f"official tokenizer weights do not fit the shapes read off them: {e}") from e
     if unexpected or set(missing) - {"latent_mean", "latent_std"}:
         raise ValueError(f"official tokenizer does not map cleanly: missing {missing}, unexpected {unexpected}")
     return model
@@ -1050,7 +1056,10 @@ def convert_official_dit(sd, heads=None):
     cfg = DiTConfig(grid=math.isqrt(sd["pos_embed"].shape[1]) * p, latent_dim=C, num_classes=sd["y_embedder.weight"].shape[0] - 1,
                     patch_size=p, backbone=(De, widths.count(De), heads[De]), head=(Dh, widths.count(Dh), heads[Dh]))
     model = DiTDH(cfg)
-    model.load_state_dict(sd, strict=True)
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"official DiT^DH weights do not map cleanly: {e}") from e
     for name, table in ropes.items():                                      # the official tables are [cos | sin] per buffer
         ours = (model.rope_backbone if name.startswith("enc") else model.rope_head)[0 if name.endswith("cos") else 1]
         if not torch.allclose(ours, table.float(), atol=1e-5):

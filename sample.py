@@ -91,7 +91,7 @@ def main(args):
         return args.out
 
     torch.manual_seed(args.seed + rank)                                    # per-rank seed, as the official code
-    start = time.time()
+    t_start = time.time()
     mine = torch.arange(N)[rank::world]
     images = []
     for start in tqdm(range(0, len(mine), args.batch_size), disable=rank != 0, desc="sampling"):
@@ -119,7 +119,7 @@ def main(args):
             else:
                 save_image(torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255, args.out, nrow=8)
             how = f"AutoGuidance {args.ag_scale}" if bad else f"cfg {args.cfg}"
-            secs = time.time() - start
+            secs = time.time() - t_start
             print(f"{N} samples, {args.steps} {args.sampler} steps, {how}, {secs:.1f}s ({N / secs:.1f} images/s) -> {args.out}")
     return args.out
 
