@@ -1130,6 +1130,14 @@ def rng_state():  # all randomness of a step (masks, noise, t, flips, label drop
     return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
 
+def gathered_rng_states(world):
+    """Every rank's RNG state, so that each rank resumes its own random streams."""
+    states = [rng_state()] * world
+    if world > 1:
+        dist.all_gather_object(states, rng_state())
+    return states
+
+
 def set_rng_state(state):
     torch.set_rng_state(state["cpu"])
     if state["cuda"] is not None and torch.cuda.is_available():

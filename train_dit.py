@@ -179,9 +179,7 @@ def main(args):
               f"{recipe.batch_size}, shift s={shift:.3f}, device {device}")
 
     def checkpoint():
-        rngs = [R.rng_state()] * world
-        if world > 1:
-            dist.all_gather_object(rngs, R.rng_state())
+        rngs = R.gathered_rng_states(world)
         if rank == 0:
             R.save_checkpoint(ckpt_path, {"kind": "dit", "config": asdict(cfg), "recipe": asdict(recipe), "step": step,
                                           "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),

@@ -173,9 +173,7 @@ def main(args):
               f"{len(dataset)} images, {total} steps of {recipe.batch_size}, lr {peak_lr:.2e}, device {device}")
 
     def checkpoint():
-        rngs = [R.rng_state()] * world
-        if world > 1:
-            dist.all_gather_object(rngs, R.rng_state())
+        rngs = R.gathered_rng_states(world)
         if rank == 0:
             R.save_checkpoint(ckpt_path, {"kind": "tokenizer", "config": asdict(model.cfg), "recipe": asdict(recipe),
                                           "stage": 2 if stage2 else 1, "step": step, "model": model.state_dict(),
