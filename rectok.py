@@ -27,7 +27,7 @@ import os
 import sys
 import warnings
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -939,11 +939,6 @@ PRESETS = {
 }
 
 
-def tokenizer_config(recipe, teacher_dim):
-    return TokenizerConfig(recipe.img_size, recipe.patch_size, recipe.latent_dim, VIT_SIZES[recipe.encoder],
-                           VIT_SIZES[recipe.decoder], VIT_SIZES[recipe.sem_decoder], teacher_dim)
-
-
 def save_checkpoint(path, state):
     """Atomic: write a temp file, then rename, so a run killed while saving keeps its previous checkpoint."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -1092,28 +1087,6 @@ def setup_distributed():
 def autocast(device):
     """bf16 autocast on GPU, plain fp32 on CPU: the same loop runs on both."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-
-def cosine_lr(epoch, peak, warmup, total):
-    """Linear warm-up from 0, then half-cosine to 0 (official tokenizer schedule), from the fractional epoch."""
-    if epoch < warmup:
-        return peak * epoch / warmup
-    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, (epoch - warmup) / max(total - warmup, 1e-8))))
-
-
-def constant_then_linear_lr(epoch, lr, min_lr, start, end):
-    """Official DiT^DH schedule: lr until `start`, then linear to min_lr at `end`, min_lr after."""
-    return lr - (lr - min_lr) * min(1.0, max(0.0, epoch - start) / max(end - start, 1e-8))
-
-
-def param_groups(model, weight_decay):
-    """No weight decay for norms, biases, embeddings and tokens, decided by name as the official code (so the
-    patch-embedding convs are exempt too)."""
-    skip = ("ln", "bias", "embedding", "norm", "gamma", "embed", "token")
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    no_decay = [p for n, p in params if p.ndim < 2 or any(s in n for s in skip)]
-    decay = [p for n, p in params if not (p.ndim < 2 or any(s in n for s in skip))]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 @torch.no_grad()

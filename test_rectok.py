@@ -4,6 +4,7 @@ scripts end to end. RecTok (arXiv 2512.13421). CPU only, tiny models, about a mi
 
   python -m pytest -q test_rectok.py
 """
+import dataclasses
 import math
 import os
 import warnings
@@ -248,7 +249,7 @@ def test_checkpoint_roundtrip(tmp_path):
     tok = tiny_tokenizer()
     tok.latent_mean.fill_(0.5)
     path = str(tmp_path / "tok.pt")
-    R.save_checkpoint(path, {"kind": "tokenizer", "config": R.asdict(tok.cfg), "model": tok.state_dict(), "ema": tok.state_dict()})
+    R.save_checkpoint(path, {"kind": "tokenizer", "config": dataclasses.asdict(tok.cfg), "model": tok.state_dict(), "ema": tok.state_dict()})
     assert not os.path.exists(path + ".tmp")
     back = R.load_model(path, "tokenizer")                                # torch.load(..., weights_only=True)
     assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), tok.state_dict().values()))

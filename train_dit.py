@@ -54,6 +54,11 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
+def constant_then_linear_lr(epoch, lr, min_lr, start, end):
+    """Official DiT^DH schedule: lr until `start`, then linear to min_lr at `end`, min_lr after."""
+    return lr - (lr - min_lr) * min(1.0, max(0.0, epoch - start) / max(end - start, 1e-8))
+
+
 def tokenizer_fingerprint(tok):
     """sha1 of the encoder weights: a latent cache is valid only for the encoder that made it."""
     h = hashlib.sha1()
@@ -195,7 +200,7 @@ def main(args):
             flip = torch.randint(flips, (len(y),), device=device)          # image or its mirror
             mean, logvar = moments[torch.arange(len(y), device=device), flip].chunk(2, dim=-1)  # (B, L, C) each
             z = tok.normalize(mean + (0.5 * logvar).exp() * torch.randn_like(mean))  # posterior sample (B, C, h, w)
-            lr = R.constant_then_linear_lr(step / steps_per_epoch, recipe.lr, recipe.min_lr, recipe.decay_start_epoch, recipe.decay_end_epoch)
+            lr = constant_then_linear_lr(step / steps_per_epoch, recipe.lr, recipe.min_lr, recipe.decay_start_epoch, recipe.decay_end_epoch)
             for group in opt.param_groups:
                 group["lr"] = lr
             with R.autocast(device):

@@ -15,6 +15,7 @@ main_reconstruction.py and run_*_tokenizer.sh; the loop is in the spirit of nano
 """
 import argparse
 import copy
+import math
 import os
 import sys
 import time
@@ -67,6 +68,28 @@ def get_args(argv=None):
     g.add_argument("--stats_only", action="store_true", help="only measure latent mean/std of --init_from")
     g.add_argument("--stats_images", type=int, help="measure the statistics on N images (default: all)")
     return p.parse_args(argv)
+
+
+def tokenizer_config(recipe, teacher_dim):
+    return R.TokenizerConfig(recipe.img_size, recipe.patch_size, recipe.latent_dim, R.VIT_SIZES[recipe.encoder],
+                           R.VIT_SIZES[recipe.decoder], R.VIT_SIZES[recipe.sem_decoder], teacher_dim)
+
+
+def cosine_lr(epoch, peak, warmup, total):
+    """Linear warm-up from 0, then half-cosine to 0 (official tokenizer schedule), from the fractional epoch."""
+    if epoch < warmup:
+        return peak * epoch / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, (epoch - warmup) / max(total - warmup, 1e-8))))
+
+
+def param_groups(model, weight_decay):
+    """No weight decay for norms, biases, embeddings and tokens, decided by name as the official code (so the
+    patch-embedding convs are exempt too)."""
+    skip = ("ln", "bias", "embedding", "norm", "gamma", "embed", "token")
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    no_decay = [p for n, p in params if p.ndim < 2 or any(s in n for s in skip)]
+    decay = [p for n, p in params if not (p.ndim < 2 or any(s in n for s in skip))]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 @torch.no_grad()
@@ -128,7 +151,7 @@ def main(args):
     if recipe.sem_weight > 0:
         teacher = R.Teacher(recipe.teacher, recipe.img_size // recipe.patch_size, args.teacher_ckpt).to(device)
     if not (resume or args.init_from):
-        model = R.RecTok(R.tokenizer_config(recipe, teacher.dim if teacher else 0))
+        model = R.RecTok(tokenizer_config(recipe, teacher.dim if teacher else 0))
     ema = R.load_model(args.init_from, "tokenizer", ema=True) if args.init_from else copy.deepcopy(model)
     if stage2:  # decoder fine-tuning: no semantic decoder; the encoder is frozen (the EMA then copies it)
         model.drop_semantic_decoder(), ema.drop_semantic_decoder()
@@ -146,8 +169,8 @@ def main(args):
     loss_fn = R.TokenizerLoss(weights, lpips, convnext).to(device)
     disc = loss_fn.discriminator
     peak_lr = recipe.blr * recipe.batch_size / 256
-    opt = torch.optim.AdamW(R.param_groups(model, recipe.weight_decay), lr=peak_lr, betas=(0.9, 0.95))
-    d_opt = torch.optim.AdamW(R.param_groups(disc, recipe.weight_decay), lr=peak_lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(param_groups(model, recipe.weight_decay), lr=peak_lr, betas=(0.9, 0.95))
+    d_opt = torch.optim.AdamW(param_groups(disc, recipe.weight_decay), lr=peak_lr, betas=(0.9, 0.95))
     step = 0
     if resume:
         model.load_state_dict(resume["model"]), ema.load_state_dict(resume["ema"]), disc.load_state_dict(resume["disc"])
@@ -194,7 +217,7 @@ def main(args):
                 flip = torch.rand(img.shape[0], device=device) < 0.5
                 img = torch.where(flip[:, None, None, None], img.flip(-1), img)
             frac_epoch = step / steps_per_epoch
-            lr = R.cosine_lr(frac_epoch, peak_lr, recipe.warmup_epochs, total / steps_per_epoch)
+            lr = cosine_lr(frac_epoch, peak_lr, recipe.warmup_epochs, total / steps_per_epoch)
             for group in opt.param_groups + d_opt.param_groups:
                 group["lr"] = lr
             mask_ratio = R.sample_mask_ratio(recipe.mask_ratio_max) if recipe.mask_ratio_max > 0 else 0.0
