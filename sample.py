@@ -51,7 +51,7 @@ def main(args):
     rank, world, device = R.setup_distributed()
     if args.cfg != 1.0 and args.autoguidance_ckpt:
         sys.exit("choose one guidance: --cfg or --autoguidance_ckpt")
-    ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=True) if os.path.isfile(args.ckpt) else {}
+    ckpt = R.load_checkpoint(args.ckpt, "dit", official=True)          # ours, or an official release file
     dit = R.load_model(args.ckpt, "dit").to(device).eval()
     tok_path = args.tokenizer_ckpt or ckpt.get("tokenizer")
     if not tok_path:

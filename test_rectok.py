@@ -349,6 +349,8 @@ def test_dit_sample_eval(runs, tmp_path):
         run(train_dit, DIT, tmp_path / "full", "--tokenizer", other, "--resume")
     with pytest.raises(SystemExit, match="different tokenizer"):
         run(train_dit, DIT, tmp_path / "y", "--tokenizer", other, "--latent_cache", str(tmp_path / "full" / "latents.npy"))
+    with pytest.raises(ValueError, match="not a dit checkpoint"):
+        sample.main(sample.get_args(["--ckpt", tok, "--out", str(tmp_path / "g.png")]))
     grid = sample.main(sample.get_args(["--ckpt", full, "--out", str(tmp_path / "grid.png"), "--steps", "2"]))
     assert Image.open(grid).size[0] > 32
     npz = sample.main(sample.get_args(["--ckpt", full, "--out", str(tmp_path / "s.npz"), "--steps", "2", "--num_images", "20",
