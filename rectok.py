@@ -928,8 +928,8 @@ PRESETS = {
                   sem_decoder="micro", teacher="dinov3_vits16", flip=False, batch_size=32, epochs=16, blr=8e-3,
                   warmup_epochs=0.5, ema=0.995, perceptual_weight=0.0, convnext=False, gan_weight=0.0,
                   ft_epochs=8, ft_blr=4e-3, ft_warmup_epochs=0.2),
-              "dit": DiTRecipe(model="quick", patch_size=2, batch_size=64, epochs=28, lr=1e-3, min_lr=1e-4,
-                               decay_start_epoch=10, decay_end_epoch=28, ema=0.995, sample_steps=24)},
+              "dit": DiTRecipe(model="quick", patch_size=2, batch_size=64, epochs=24, lr=2e-3, min_lr=2e-4,
+                               decay_start_epoch=8, decay_end_epoch=24, ema=0.995, sample_steps=24)},
     # One GPU, an ImageNet subset at 256 px: the paper's architecture at a batch one GPU holds.
     "subset": {"tokenizer": TokenizerRecipe(batch_size=64, epochs=50, warmup_epochs=5, gan_start_epoch=25,
                                             ft_epochs=10, ft_warmup_epochs=1),
