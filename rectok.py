@@ -1160,26 +1160,14 @@ def dataset_from_args(args, img_size, train=True):
     return ImageFolderSubset(args.data_path, img_size, classes, args.images_per_class)
 
 
-def maybe_compile(model, enabled):
-    """torch.compile on request; if compiling fails (at wrap time or on the first call), run eagerly."""
-    if not enabled:
-        return model
-    compiled, state = torch.compile(model), {}
-
-    def call(*a, **k):
-        if state.get("eager"):
-            return model(*a, **k)
-        try:
-            out = compiled(*a, **k)
-        except Exception as e:
-            if state.get("worked"):
-                raise
-            warnings.warn(f"torch.compile failed ({type(e).__name__}: {e}); running eagerly")
-            state["eager"] = True
-            return model(*a, **k)
-        state["worked"] = True
-        return out
-    return call
+def maybe_compile(modules, enabled):
+    """--compile: torch.compile each module in place, so state-dict keys and checkpoints do not change. The
+    tokenizer compiles its ViTs, not its forward: the per-step mask ratio would recompile a compiled forward
+    at every new value. Where compiling fails, dynamo warns and runs that code eagerly."""
+    if enabled:
+        torch._dynamo.config.suppress_errors = True
+        for m in modules:
+            m.compile()
 
 
 def run_cli(main, get_args):

@@ -161,7 +161,7 @@ def main(args):
         model.load_state_dict(resume["model"]), ema.load_state_dict(resume["ema"]), opt.load_state_dict(resume["opt"])
         step = resume["step"]
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    forward = R.maybe_compile(net, args.compile)
+    R.maybe_compile([model], args.compile)
 
     flips = 2 if recipe.flip else 1
     cache = latent_cache(tok, dataset, args.latent_cache or os.path.join(args.out, "latents.npy"), flips, device, rank, world)
@@ -204,7 +204,7 @@ def main(args):
             for group in opt.param_groups:
                 group["lr"] = lr
             with R.autocast(device):
-                loss = R.flow_matching_loss(forward, z, y, shift, cfg.num_classes, recipe.label_drop)
+                loss = R.flow_matching_loss(net, z, y, shift, cfg.num_classes, recipe.label_drop)
             bad = torch.tensor(float(not torch.isfinite(loss)), device=device)
             if world > 1:
                 dist.all_reduce(bad)

@@ -177,7 +177,7 @@ def main(args):
         opt.load_state_dict(resume["opt"]), d_opt.load_state_dict(resume["d_opt"])
         step = resume["step"]
     net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
-    forward = R.maybe_compile(net, args.compile)
+    R.maybe_compile([m for m in (model.encoder, model.decoder, model.sem_decoder) if m is not None], args.compile)
 
     dataset = R.dataset_from_args(args, recipe.img_size)
     batch = recipe.batch_size // world
@@ -222,7 +222,7 @@ def main(args):
                 group["lr"] = lr
             mask_ratio = R.sample_mask_ratio(recipe.mask_ratio_max) if recipe.mask_ratio_max > 0 else 0.0
             with R.autocast(device):
-                recon, sem, kl = forward(img, mask_ratio, recipe.noise)
+                recon, sem, kl = net(img, mask_ratio, recipe.noise)
                 if teacher is not None and target is None:
                     target = teacher(img)
             gan = recipe.gan_weight > 0 and frac_epoch >= recipe.gan_start_epoch
