@@ -1179,7 +1179,20 @@ def run_cli(main, get_args):
         sys.exit(f"error: {e}")
 
 
+def check_finite(loss, terms, step, ckpt_path, world):
+    """A non-finite loss stops the run before it touches the weights; the last checkpoint stays good."""
+    bad = torch.tensor(float(not torch.isfinite(loss)), device=loss.device)
+    if world > 1:
+        dist.all_reduce(bad)
+    if bad.item():
+        sys.exit(f"non-finite loss at step {step} ({', '.join(f'{k}={v.item():.4g}' for k, v in terms.items())}); "
+                 f"stopping. The last good checkpoint, {ckpt_path}, is intact.")
+
+
 def log_json(path, record):
+    """One JSON line per log step; on a GPU with the peak memory so far."""
+    if torch.cuda.is_available():
+        record["max_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
 

@@ -205,11 +205,7 @@ def main(args):
                 group["lr"] = lr
             with R.autocast(device):
                 loss = R.flow_matching_loss(net, z, y, shift, cfg.num_classes, recipe.label_drop)
-            bad = torch.tensor(float(not torch.isfinite(loss)), device=device)
-            if world > 1:
-                dist.all_reduce(bad)
-            if bad.item():
-                sys.exit(f"non-finite loss at step {step}; stopping. The last good checkpoint, {ckpt_path}, is intact.")
+            R.check_finite(loss, {"loss": loss}, step, ckpt_path, world)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
@@ -221,8 +217,7 @@ def main(args):
                 rate = (step - s_last) / (time.time() - t_last)
                 t_last, s_last = time.time(), step
                 R.log_json(log_path, {"step": step, "epoch": round(step / steps_per_epoch, 3), "lr": lr, "loss": loss.item(),
-                                      "grad_norm": grad_norm.item(), "steps_per_s": rate, "images_per_s": rate * recipe.batch_size,
-                          **({"max_mem_gb": torch.cuda.max_memory_allocated() / 2**30} if device.type == "cuda" else {})})
+                                      "grad_norm": grad_norm.item(), "steps_per_s": rate, "images_per_s": rate * recipe.batch_size})
                 bar.set_postfix(loss=f"{loss.item():.4f}")
             if rank == 0 and (step % args.image_every == 0 or step == total):
                 with R.autocast(device):

@@ -228,7 +228,7 @@ def main(args):
             gan = recipe.gan_weight > 0 and frac_epoch >= recipe.gan_start_epoch
             terms = loss_fn(img, recon, kl, sem, target, gan)              # fp32
             loss = loss_fn.total(terms)
-            check_finite(loss, terms, step, ckpt_path, world)
+            R.check_finite(loss, terms, step, ckpt_path, world)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, recipe.grad_clip)
@@ -251,8 +251,7 @@ def main(args):
                 t_last, s_last = time.time(), step
                 record = {"step": step, "epoch": round(step / steps_per_epoch, 3), "lr": lr, "loss": loss.item(),
                           **{k: v.item() for k, v in terms.items()}, "grad_norm": grad_norm.item(),
-                          "steps_per_s": rate, "images_per_s": rate * recipe.batch_size,
-                          **({"max_mem_gb": torch.cuda.max_memory_allocated() / 2**30} if device.type == "cuda" else {})}
+                          "steps_per_s": rate, "images_per_s": rate * recipe.batch_size}
                 R.log_json(log_path, record)
                 bar.set_postfix({k: f"{v.item():.4g}" for k, v in terms.items()})
             if rank == 0 and (step % args.image_every == 0 or step == total):
@@ -272,16 +271,6 @@ def main(args):
         if rank == 0:
             print(f"latent stats stored in {ckpt_path}: mean {mean.mean():.3f}, std {std.mean():.3f} (channel averages)")
     return ckpt_path
-
-
-def check_finite(loss, terms, step, ckpt_path, world):
-    """A non-finite loss stops the run before it touches the weights; the last checkpoint stays good."""
-    bad = torch.tensor(float(not torch.isfinite(loss)), device=loss.device)
-    if world > 1:
-        dist.all_reduce(bad)
-    if bad.item():
-        sys.exit(f"non-finite loss at step {step} ({', '.join(f'{k}={v.item():.4g}' for k, v in terms.items())}); "
-                 f"stopping. The last good checkpoint, {ckpt_path}, is intact.")
 
 
 class WithTeacherFeatures(torch.utils.data.Dataset):
