@@ -1,25 +1,24 @@
 """
 eval.py: measure a RecTok tokenizer and generator the way the field does.
 
-RecTok: Reconstruction Distillation along Rectified Flow (Shi et al., arXiv 2512.13421). Protocols of the
-official evaluation (utils/train_utils.py): PSNR on the float reconstruction, rFID of uint8 reconstructions
-against the same centre-cropped images, gFID and IS with the TF-ported FID Inception (the network pytorch-fid
-builds, weights pt_inception-2015-12-05-6726825d.pth), Frechet distance in float64, IS with 10 splits. For the
-embedded shapes, where no pretrained network applies, a small classifier trained once on them gives the class
-accuracy of samples and a Frechet distance in its feature space.
+RecTok: Reconstruction Distillation along Rectified Flow (Shi et al., arXiv 2512.13421). The official
+evaluation's protocols (utils/train_utils.py, through torch-fidelity): PSNR on the float reconstruction, rFID of
+uint8 reconstructions, gFID and IS with the TF-ported FID Inception fed as torch-fidelity feeds it (the TF1
+resize that made the ADM reference statistics; `--fid_input pytorch-fid` for pytorch-fid's), Frechet distance
+in float64, IS over torch-fidelity's 10 splits. On the embedded shapes a small classifier, trained once, gives
+the class accuracy of samples and a Frechet distance in its feature space.
 
   python eval.py recon --ckpt runs/quick_tok_ft/ckpt.pt                          # shapes: PSNR, SSIM, FD
   python eval.py recon --ckpt runs/tok/ckpt.pt --data_path IMAGENET/val          # rFID, PSNR, SSIM
   python eval.py stats --data_path IMAGENET/val --out val_256.npz                # reference mu, sigma
   python eval.py gen --samples samples.npz --ref_stats VIRTUAL_imagenet256_labeled.npz   # FID, IS
   python eval.py gen --samples runs/quick_dit/samples.npz --shapes               # class accuracy, FD
-  python eval.py probe --ckpt runs/tok/ckpt.pt                                   # linear probe along the flow
+  python eval.py probe --ckpt runs/tok/ckpt.pt                                   # linear probe along the flow + PCA picture
 """
 import argparse
 import glob
 import os
 import re
-import sys
 
 import numpy as np
 import torch
@@ -63,19 +62,38 @@ class FIDInceptionE(InceptionE):
         return torch.cat([self.branch1x1(x), b3, b3d, self.branch_pool(pooled)], 1)
 
 
+def tf1_resize(x, size=299):
+    """Bilinear resize as TF1's resize_bilinear (align_corners=False), which made the ADM reference statistics
+    and is torch-fidelity's: output pixel i samples input position i * in/out (no half-pixel offset), the
+    upper neighbour clamped to the last row/column. x: (B, C, H, W) float."""
+    for dim in (3, 2):                                                     # along x, then along y
+        n = x.shape[dim]
+        pos = torch.arange(size, dtype=torch.float32, device=x.device) * (n / size)
+        lo = pos.floor().long()
+        w = (pos - lo).view([-1 if d == dim else 1 for d in range(4)])
+        a, b = x.index_select(dim, lo), x.index_select(dim, (lo + 1).clamp_max(n - 1))
+        x = a + (b - a) * w
+    return x
+
+
 class FIDInception(Inception3):
-    """torchvision's Inception3 rebuilt as the TF FID graph (1008 classes, no aux head, TF pooling), so its
-    state-dict keys are pytorch-fid's and its pool features equal pytorch-fid's for the same weights.
-    forward: images (B, 3, H, W) in [0, 1] -> pool features (B, 2048), logits_unbiased (B, 1008) for IS."""
+    """torchvision's Inception3 rebuilt as the TF FID graph (1008 classes, TF pooling), with pytorch-fid's (and
+    torch-fidelity's) state-dict keys and features. forward: images (B, 3, H, W) holding uint8 values 0..255 ->
+    pool features (B, 2048), logits_unbiased (B, 1008) for IS. input_path "tf1": torch-fidelity's resize and
+    (x - 128) / 128; "pytorch-fid": its half-pixel bilinear resize of x / 255, then 2x - 1."""
     URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
 
-    def __init__(self):
+    def __init__(self, input_path="tf1"):
         blocks = [BasicConv2d, FIDInceptionA, InceptionB, FIDInceptionC, InceptionD, FIDInceptionE, InceptionAux]
         super().__init__(num_classes=1008, aux_logits=False, inception_blocks=blocks, init_weights=False)
         self.Mixed_7c.max_pool = True
+        self.input_path = input_path
 
     def forward(self, x):
-        x = 2 * F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False) - 1  # as pytorch-fid
+        if self.input_path == "tf1":
+            x = (tf1_resize(x) - 128) / 128
+        else:
+            x = 2 * F.interpolate(x / 255, size=(299, 299), mode="bilinear", align_corners=False) - 1
         x = self.maxpool1(self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x))))     # (B, 64, 147, 147)
         x = self.maxpool2(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)))                         # (B, 192, 35, 35)
         x = self.Mixed_6a(self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x))))                    # (B, 768, 17, 17)
@@ -84,9 +102,9 @@ class FIDInception(Inception3):
         return pool, pool @ self.fc.weight.T
 
 
-def load_inception(path=None):
+def load_inception(path=None, input_path="tf1"):
     """Weights from a file, the torch hub cache or the URL. 'random': He-initialised, for tests only."""
-    model = FIDInception()
+    model = FIDInception(input_path)
     if path == "random":
         for m in model.modules():
             if isinstance(m, nn.Conv2d):
@@ -122,8 +140,9 @@ def inception_score(logits, splits=10, seed=2020):
     """torch-fidelity's IS: shuffle (fixed seed), split in 10, exp(E KL(p(y|x) || p(y))) per split -> mean, std."""
     logits = torch.as_tensor(logits).double()[np.random.RandomState(seed).permutation(len(logits))]
     p, log_p = logits.softmax(1), logits.log_softmax(1)
-    scores = []
-    for part_p, part_log in zip(p.tensor_split(splits), log_p.tensor_split(splits)):
+    scores, n = [], len(p)
+    for k in range(splits):                                                # split k: [k*N//10, (k+1)*N//10)
+        part_p, part_log = p[k * n // splits: (k + 1) * n // splits], log_p[k * n // splits: (k + 1) * n // splits]
         scores.append((part_p * (part_log - part_p.mean(0, keepdim=True).log())).sum(1).mean().exp().item())
     return float(np.mean(scores)), float(np.std(scores))
 
@@ -165,57 +184,49 @@ def linear_probe(train_x, train_y, val_x, val_y, num_classes, epochs=200, lr=1e-
 
 
 def shapes_classifier(size, num_classes=10, device="cpu"):
-    """A small CNN trained once on the embedded shapes (train seed 0), cached in the torch hub folder.
-    Returns (model, held-out accuracy); model(x in [0, 1]) -> (features (B, 128), logits)."""
-    def conv(i, o):
-        return [nn.Conv2d(i, o, 3, 2, 1), nn.BatchNorm2d(o), nn.GELU()]
-    net = nn.Sequential(*conv(3, 32), *conv(32, 64), *conv(64, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, num_classes))
-    path = os.path.join(torch.hub.get_dir(), f"rectok_shapes_classifier_{size}px_{num_classes}.pt")
-    if os.path.isfile(path):
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        net.load_state_dict(state["model"])
-    else:
-        g = torch.Generator().manual_seed(0)
-        train, val = R.Shapes(6000, size, num_classes, seed=0), R.Shapes(1000, size, num_classes, seed=1)
-        opt = torch.optim.AdamW(net.parameters(), lr=2e-3)
-        with torch.enable_grad():
-            for _ in tqdm(range(6), desc="training the shapes classifier (once)"):
-                for x, y in torch.utils.data.DataLoader(train, 100, shuffle=True, generator=g):
-                    opt.zero_grad()
-                    F.cross_entropy(net(x * 0.5 + 0.5), y).backward()
-                    opt.step()
-        net.eval()
-        with torch.no_grad():
-            acc = np.mean([(net(x * 0.5 + 0.5).argmax(1) == y).float().mean().item() for x, y in torch.utils.data.DataLoader(val, 250)])
-        state = {"model": net.state_dict(), "val_acc": float(acc)}
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        torch.save(state, path)
-    net.eval().requires_grad_(False).to(device)
-    return (lambda x: (net[:-1](x), net[-1](net[:-1](x)))), state["val_acc"]
+    """A small CNN trained once on the embedded shapes (seed 0, the tokenizer's training images) and cached; not
+    the shapes teacher. -> (model, held-out accuracy); model(x holding 0..255) -> (features (B, 128), logits)."""
+    def make():
+        conv = lambda i, o: [nn.Conv2d(i, o, 3, 2, 1), nn.BatchNorm2d(o), nn.GELU()]  # noqa: E731
+        return nn.Sequential(*conv(3, 32), *conv(32, 64), *conv(64, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, num_classes))
+    net, acc = R.shapes_net(make, lambda net, x: net(x * 0.5 + 0.5), "shapes_classifier", size, num_classes, 6000, 6, seed=0, batch=100)
+    net.to(device)
+    return (lambda x: (net[:-1](x / 255), net[-1](net[:-1](x / 255)))), acc
 
 
 # ----------------------------------------------------------------------------- the four evaluations
 
 
 def judge(args, size, device):
-    """The network that scores images in [0, 1]: FID Inception, or for the shapes their classifier."""
+    """The network that scores images holding uint8 values 0..255: FID Inception, or for the shapes their classifier."""
     if args.data_path is None and args.mode != "gen" or args.shapes:
-        model, acc = shapes_classifier(size, device=device)
-        print(f"shapes classifier: {acc:.1%} accuracy on held-out real shapes")
-        return model, "FD"
-    model = load_inception(args.inception).to(device)
-    return model, "FID"
+        return shapes_classifier(size, device=device)[0], "FD"
+    return load_inception(args.inception, args.fid_input).to(device), "FID"
 
 
 def metric_name(n, args, what):
-    """'FID-50K'; below 2,048 images a refusal, or with --allow_small a warning label; for the shapes, FD."""
+    """'FID-50K (...)'; below 2,048 images a refusal, or with --allow_small a warning label; for the shapes, FD."""
     if what != "FID":
         return f"FD ({n} images, shapes-classifier features)"
+    path = "torch-fidelity input path" if args.fid_input == "tf1" else "pytorch-fid input path"
     if n < 2048:
         if not args.allow_small:
-            sys.exit(f"{n} images are too few for FID (2048 or more); --allow_small computes it anyway")
-        return f"FID-{n} (fewer than 2048 images: NOT comparable with published FID)"
-    return f"FID-{n / 1000:g}K"
+            raise ValueError(f"{n} images are too few for FID (2048 or more); --allow_small computes it anyway")
+        return f"FID-{n} ({path}; fewer than 2048 images: NOT comparable with published FID)"
+    return f"FID-{n / 1000:g}K ({path})"
+
+
+def load_ref(path):
+    """Reference statistics: an .npz with mu (2048,) and sigma (2048, 2048), e.g. adm_in256_stats.npz."""
+    d = np.load(path)
+    if "mu" not in d or "sigma" not in d or d["sigma"].shape != (len(d["mu"]),) * 2:
+        raise ValueError(f"{path} holds no reference statistics (arrays mu (D,) and sigma (D, D))")
+    return d["mu"], d["sigma"]
+
+
+def uint8_values(img):
+    """Images in [-1, 1] that came from uint8 files -> their 0..255 values (float)."""
+    return ((img.float() + 1) * 127.5).round()
 
 
 @torch.no_grad()
@@ -228,24 +239,24 @@ def features(model, batches, device):
 def recon(args, device):
     tok = R.load_model(args.ckpt, "tokenizer").to(device).eval()
     data = R.dataset_from_args(args, tok.cfg.img_size, train=False)
-    n = min(args.num_images or len(data), len(data))
     net, what = judge(args, tok.cfg.img_size, device)
-    metric_name(n, args, what)                                             # refuses small FID before the work
+    metric_name(min(args.num_images or len(data), len(data)), args, what)  # refuses small FID before the work
+    ref = load_ref(args.ref_stats) if args.ref_stats else None
     scores, feats_real, feats_rec, correct = [], [], [], []
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, range(n)), args.batch_size, num_workers=args.workers)
-    for img, label in tqdm(loader, desc="reconstructing"):
-        img = img.to(device)
+    for batch in tqdm(R.pass_loader(data, args.batch_size, args.workers, args.num_images, what="reconstruction"), desc="reconstructing"):
+        if batch is None:
+            continue
+        img, label = batch[0].to(device), batch[1]
         with R.autocast(device):
             rec = tok.reconstruct(img).float()                             # posterior mean -> [0, 1]
         real = img * 0.5 + 0.5
         scores.append(torch.stack([psnr(rec, real), ssim(rec, real)], 1).cpu())   # float recon, as official
-        feats_real.append(net(real)[0].cpu())
-        f_rec, logits = net((rec * 255).to(torch.uint8).float() / 255)     # uint8 by truncation
+        feats_real.append(net(uint8_values(img))[0].cpu())
+        f_rec, logits = net((rec * 255).to(torch.uint8).float())          # uint8 by truncation, as official
         feats_rec.append(f_rec.cpu())
         correct.append(logits.argmax(1).cpu() == label)
-    scores = torch.cat(scores)
-    ref = np.load(args.ref_stats) if args.ref_stats else feature_stats(torch.cat(feats_real))
-    fd = frechet_distance(*feature_stats(torch.cat(feats_rec)), *(ref["mu"], ref["sigma"]) if args.ref_stats else ref)
+    scores, n = torch.cat(scores), len(torch.cat(correct))
+    fd = frechet_distance(*feature_stats(torch.cat(feats_rec)), *(ref or feature_stats(torch.cat(feats_real))))
     print(f"reconstruction of {n} held-out images ({args.data_path or 'embedded shapes, seed 1'}), EMA weights")
     print(f"  PSNR {scores[:, 0].mean():.2f} dB   SSIM {scores[:, 1].mean():.4f}   r{metric_name(n, args, what)} "
           f"vs {os.path.basename(args.ref_stats) if args.ref_stats else 'the originals'}: {fd:.3f}")
@@ -257,46 +268,56 @@ def recon(args, device):
 @torch.no_grad()
 def stats(args, device):
     data = R.ImageFolderSubset(args.data_path, args.img_size, args.num_classes, args.images_per_class)
-    n = min(args.num_images or len(data), len(data))
-    net = load_inception(args.inception).to(device)
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, range(n)), args.batch_size, num_workers=args.workers)
-    pool = features(net, (x * 0.5 + 0.5 for x, _ in tqdm(loader, desc="inception features")), device)[0]
+    net = load_inception(args.inception, args.fid_input).to(device)
+    loader = R.pass_loader(data, args.batch_size, args.workers, args.num_images, what="reference statistics")
+    pool = features(net, (uint8_values(b[0]) for b in tqdm(loader, desc="inception features") if b is not None), device)[0]
     mu, sigma = feature_stats(pool)
-    np.savez(args.out, mu=mu, sigma=sigma)
-    print(f"reference statistics of {n} images ({args.data_path}, ADM crop {args.img_size}) -> {args.out}")
+    R.atomic_write(args.out, lambda f: np.savez(f, mu=mu, sigma=sigma))
+    print(f"reference statistics of {len(pool)} images ({args.data_path}, ADM crop {args.img_size}, "
+          f"{'torch-fidelity' if args.fid_input == 'tf1' else 'pytorch-fid'} input path) -> {args.out}")
     return args.out
 
 
-def load_samples(path):
-    """uint8 (N, H, W, 3) and labels (or None) from an .npz (arr_0, labels) or a folder of PNGs."""
+def load_samples(path, num_classes=None):
+    """uint8 (N, H, W, 3) and labels (or None) from an .npz (arr_0, labels) or a folder of PNGs; labels must
+    lie in [0, num_classes) where they are used."""
     if path.endswith(".npz"):
         d = np.load(path)
-        return d["arr_0"], d["labels"] if "labels" in d else None
-    files = sorted(glob.glob(os.path.join(path, "*.png")))
-    if not files:
-        sys.exit(f"no .npz and no PNG files at {path}")
-    labels = [re.search(r"class(\d+)", os.path.basename(f)) for f in files]
-    return (np.stack([np.array(Image.open(f).convert("RGB")) for f in files]),
-            np.array([int(m.group(1)) for m in labels]) if all(labels) else None)
+        if "arr_0" not in d:
+            raise ValueError(f"{path} has no arr_0 (the samples); it holds {list(d)}")
+        images, labels = d["arr_0"], d["labels"] if "labels" in d else None
+    else:
+        files = sorted(glob.glob(os.path.join(path, "*.png")))
+        if not files:
+            raise ValueError(f"no .npz and no PNG files at {path}")
+        images = [np.array(Image.open(f).convert("RGB")) for f in files]
+        if len({im.shape for im in images}) > 1:
+            raise ValueError(f"the PNGs in {path} differ in size")
+        found = [re.search(r"class(\d+)", os.path.basename(f)) for f in files]
+        images, labels = np.stack(images), np.array([int(m.group(1)) for m in found]) if all(found) else None
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or not len(images):
+        raise ValueError(f"{path}: samples must be uint8 (N, H, W, 3) in 0..255, got {images.dtype} {images.shape}")
+    if num_classes and labels is not None and (labels.shape != (len(images),) or labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"{path}: need one label per sample in [0, {num_classes - 1}], got {labels.shape} in [{labels.min()}, {labels.max()}]")
+    return images, labels
 
 
 @torch.no_grad()
 def gen(args, device):
-    images, labels = load_samples(args.samples)
+    images, labels = load_samples(args.samples, 10 if args.shapes else None)
     n, size = len(images), images.shape[1]
     net, what = judge(args, size, device)
     name = metric_name(n, args, what)                                      # refuses small FID before the work
-    batches = (torch.from_numpy(images[i: i + args.batch_size]).permute(0, 3, 1, 2).float() / 255 for i in range(0, n, args.batch_size))
+    if what == "FID" and not args.ref_stats:
+        raise ValueError("gen needs --ref_stats (the ADM reference batch VIRTUAL_imagenet256_labeled.npz, or eval.py stats)")
+    batches = (torch.from_numpy(images[i: i + args.batch_size]).permute(0, 3, 1, 2).float() for i in range(0, n, args.batch_size))
     feats, logits = features(net, tqdm(batches, desc="features", total=-(-n // args.batch_size)), device)
     if what == "FID":
-        if not args.ref_stats:
-            sys.exit("gen needs --ref_stats (the ADM reference batch VIRTUAL_imagenet256_labeled.npz, or eval.py stats)")
-        ref = np.load(args.ref_stats)
-        fid, (is_mean, is_std) = frechet_distance(*feature_stats(feats), ref["mu"], ref["sigma"]), inception_score(logits)
+        fid, (is_mean, is_std) = frechet_distance(*feature_stats(feats), *load_ref(args.ref_stats)), inception_score(logits)
         print(f"{name} vs {os.path.basename(args.ref_stats)}: {fid:.3f}   IS: {is_mean:.2f} +- {is_std:.2f}")
         return {"fid": fid, "is": is_mean}
     real = R.Shapes(max(n, 1000), size, seed=1)
-    real_feats = features(net, (x * 0.5 + 0.5 for x, _ in torch.utils.data.DataLoader(real, 250)), device)[0]
+    real_feats = features(net, (uint8_values(x) for x, _ in torch.utils.data.DataLoader(real, 250)), device)[0]
     fd = frechet_distance(*feature_stats(feats), *feature_stats(real_feats))
     acc = (logits.argmax(1).numpy() == labels).mean() if labels is not None else float("nan")
     print(f"embedded shapes, {n} samples: class accuracy {acc:.1%} (the shapes classifier's class vs the conditioning "
@@ -305,34 +326,53 @@ def gen(args, device):
 
 
 @torch.no_grad()
-def probe(args, device):
-    """Linear probing of the latent (posterior mean, unnormalised, as FSD sees it) at the clean latent and
-    along the flow x_t = t mu + (1 - t) eps, trained and tested at the same t (paper's probing table)."""
-    tok = R.load_model(args.ckpt, "tokenizer").to(device).eval()
-    sets = [R.dataset_from_args(args, tok.cfg.img_size, train=True)]
-    if args.data_path is None:
-        sets.append(R.dataset_from_args(args, tok.cfg.img_size, train=False))
-    else:
-        if not args.val_path:
-            sys.exit("probe on a folder needs --val_path VAL_FOLDER")
-        sets.append(R.ImageFolderSubset(args.val_path, tok.cfg.img_size, sets[0].classes, args.images_per_class))
-    g = torch.Generator().manual_seed(0)
-    pooled = []                                                            # per set: (len(ts), N, C), labels
-    for data in sets:
-        n = min(args.num_images or len(data), len(data))
-        feats, labels = [], []
-        for img, y in tqdm(torch.utils.data.DataLoader(torch.utils.data.Subset(data, range(n)), args.batch_size), desc="latents"):
-            mu = tok.encode(img.to(device))[0].cpu()                       # (B, L, C)
+def latents_along_flow(tok, data, args, device, g, what):
+    """Token-averaged x_t = t mu + (1 - t) eps of the posterior mean (unnormalised, as FSD sees it) at every
+    probe t -> (len(ts), N, C), labels (N,)."""
+    feats, labels = [], []
+    for batch in tqdm(R.pass_loader(data, args.batch_size, args.workers, args.num_images, what=what), desc=what):
+        if batch is not None:
+            mu = tok.encode(batch[0].to(device))[0].cpu()                  # (B, L, C)
             eps = torch.randn(mu.shape, generator=g)
             feats.append(torch.stack([(t * mu + (1 - t) * eps).mean(1) for t in args.probe_ts]))
-            labels.append(y)
-        pooled.append((torch.cat(feats, 1), torch.cat(labels)))
-    (train_x, train_y), (val_x, val_y) = pooled
-    K = len(sets[0].classes)
+            labels.append(batch[1])
+    return torch.cat(feats, 1), torch.cat(labels)
+
+
+@torch.no_grad()
+def pca_picture(tok, images, ts, path, g):
+    """The latent as a picture (as on the paper's project page): the first three principal components of the
+    tokens as RGB, fitted on the clean tokens of these images and applied to x_t at each t, each column
+    stretched to the full colour range. Rows: images; columns: the image, then t = ts."""
+    mu = tok.encode(images)[0].cpu()                                       # (n, L, C)
+    basis = torch.linalg.svd(mu.flatten(0, 1) - mu.flatten(0, 1).mean(0), full_matrices=False).Vh[:3].T  # (C, 3)
+    cols = [images.cpu() * 0.5 + 0.5]
+    for t in ts:
+        pc = (t * mu + (1 - t) * torch.randn(mu.shape, generator=g)) @ basis   # (n, L, 3)
+        pc = (pc - pc.amin((0, 1))) / (pc.amax((0, 1)) - pc.amin((0, 1)))
+        maps = pc.transpose(1, 2).unflatten(2, (tok.grid, tok.grid))     # (n, 3, h, w)
+        cols.append(F.interpolate(maps, size=images.shape[-1], mode="nearest"))
+    R.save_grid(torch.stack(cols, 1).flatten(0, 1), path, nrow=len(cols))
+
+
+@torch.no_grad()
+def probe(args, device):
+    """Linear probing of the latent at the clean latent and along the flow, trained and tested at the same t
+    (the paper's probing table), and the PCA picture of the latent along the flow."""
+    tok = R.load_model(args.ckpt, "tokenizer").to(device).eval()
+    train = R.dataset_from_args(args, tok.cfg.img_size, train=True)
+    val = (R.dataset_from_args(args, tok.cfg.img_size, train=False) if args.data_path is None else
+           R.ImageFolderSubset(args.val_path, tok.cfg.img_size, train.classes, args.images_per_class))
+    g = torch.Generator().manual_seed(0)
+    (train_x, train_y), (val_x, val_y) = (latents_along_flow(tok, d, args, device, g, w) for d, w in ((train, "probe train"), (val, "probe val")))
+    K = len(train.classes)
     with torch.enable_grad():
         accs = {t: linear_probe(train_x[i], train_y, val_x[i], val_y, K) for i, t in enumerate(args.probe_ts)}
     print(f"linear probe, {len(train_y)} train / {len(val_y)} val images, {K} classes (chance {1 / K:.1%}):")
     print("  " + "   ".join(f"t={t:g}: {a:.1%}" for t, a in accs.items()))
+    shown = [item[0] for item in map(val.__getitem__, R.spread_subset(val.labels, 8).tolist()) if item is not None]
+    pca_picture(tok, torch.stack(shown).to(device), args.probe_ts, args.out, g)
+    print(f"PCA of the latent tokens at t = {', '.join(f'{t:g}' for t in args.probe_ts)} -> {args.out}")
     return accs
 
 
@@ -343,27 +383,35 @@ def get_args(argv=None):
     p.add_argument("--samples", help="gen: samples .npz or folder of PNGs")
     p.add_argument("--ref_stats", help="reference statistics .npz with mu and sigma")
     p.add_argument("--shapes", action="store_true", help="gen: samples of the embedded shapes (classifier metrics)")
-    p.add_argument("--out", help="stats: output .npz")
+    p.add_argument("--out", help="stats: output .npz; probe: the PCA picture (default: probe_pca.png beside --ckpt)")
     p.add_argument("--data_path", help="image folder (default: the embedded shapes)")
     p.add_argument("--val_path", help="probe: labelled validation folder")
-    p.add_argument("--num_classes", type=int)
+    p.add_argument("--num_classes", type=R.POS_INT)
     p.add_argument("--class_list")
-    p.add_argument("--images_per_class", type=int)
-    p.add_argument("--shapes_n", type=int, default=4000, help="probe: embedded training images")
-    p.add_argument("--num_images", type=int, help="use at most N images")
-    p.add_argument("--img_size", type=int, default=256, help="stats: ADM centre-crop size")
-    p.add_argument("--probe_ts", type=float, nargs="+", default=[0.2, 0.4, 0.6, 0.8, 1.0])
+    p.add_argument("--images_per_class", type=R.POS_INT)
+    p.add_argument("--shapes_n", type=R.POS_INT, default=4000, help="probe: embedded training images")
+    p.add_argument("--num_images", type=R.POS_INT, help="use N images, a seeded random subset spread over the classes")
+    p.add_argument("--img_size", type=R.POS_INT, default=256, help="stats: ADM centre-crop size")
+    p.add_argument("--probe_ts", type=R.FRACTION, nargs="+", default=[0.2, 0.4, 0.6, 0.8, 1.0])
     p.add_argument("--inception", help="pt_inception-2015-12-05-6726825d.pth (default: torch hub cache or URL)")
+    p.add_argument("--fid_input", choices=["tf1", "pytorch-fid"], default="tf1", help="FID input path: torch-fidelity's "
+                   "TF1 resize (the official evaluation, ADM reference statistics) or pytorch-fid's")
     p.add_argument("--allow_small", action="store_true", help="compute FID on fewer than 2048 images")
-    p.add_argument("--batch_size", type=int, default=50)
-    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--batch_size", type=R.POS_INT, default=50)
+    p.add_argument("--workers", type=R.NONNEG_INT, default=0)
     return p.parse_args(argv)
 
 
 def main(args):
     needs = {"recon": "ckpt", "probe": "ckpt", "gen": "samples", "stats": "data_path"}
     if getattr(args, needs[args.mode]) is None or (args.mode == "stats" and not args.out):
-        sys.exit(f"eval.py {args.mode} needs --{needs[args.mode]}" + (" and --out" if args.mode == "stats" else ""))
+        raise ValueError(f"eval.py {args.mode} needs --{needs[args.mode]}" + (" and --out" if args.mode == "stats" else ""))
+    if args.mode == "probe" and args.data_path and not args.val_path:
+        raise ValueError("probe on a folder needs --val_path VAL_FOLDER")
+    if args.mode == "probe" and not args.out:
+        args.out = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "probe_pca.png")
+    if args.out:
+        R.writable(args.out)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return {"recon": recon, "stats": stats, "gen": gen, "probe": probe}[args.mode](args, device)
 

@@ -6,24 +6,20 @@ A plain-ViT KL tokenizer whose latent stays semantically rich at every point of 
 latent and noise (Flow Semantic Distillation, FSD) and under masking (Reconstruction-Alignment Distillation,
 RAD), plus the DiT^DH generator and the rectified-flow sampler that are trained on that latent.
 
-The file reads top to bottom in the paper's order:
-  1. building blocks      RMSNorm, the two RoPE recipes, attention, SwiGLU, one ViT body
-  2. tokenizer            encoder, diagonal Gaussian posterior, pixel decoder, semantic decoder
-  3. FSD and RAD          the flow and its shift, the frozen teacher, masking, the stage-1 forward pass
-  4. losses               pixel, LPIPS-VGG, ConvNeXt logits, PatchGAN, KL, semantic cosine
-  5. DiT^DH               Fourier time embedding, adaLN-Zero blocks, the wide shallow DDT head
-  6. rectified flow       velocity loss, time grid, Euler/Heun, CFG, AutoGuidance
-  7. data                 ADM centre crop, ImageNet subset, procedural shapes
-  8. presets, checkpoints configs, loading the released checkpoints, training helpers
-
-Written against the official code (github.com/Shi-qingyu/RecTok at ee87aaf), with ideas from nanoGPT
-(blocks, training loop), DiT (adaLN-Zero, file layout), MAE (masking), minRF and SiT (flow, sampler).
-Where this file departs from the official code it says so; README.md lists every difference.
+The file reads top to bottom in the paper's order: 1. building blocks (RMSNorm, the two RoPE recipes, attention,
+SwiGLU, one ViT body); 2. the tokenizer (encoder, posterior, pixel and semantic decoders); 3. FSD and RAD (the
+flow and its shift, the frozen teacher, masking); 4. losses (semantic, KL, PatchGAN); 5. DiT^DH; 6. rectified flow (velocity loss, time
+grid, Euler/Heun, CFG, AutoGuidance); 7. data (ADM crop, image folders, embedded shapes); 8. presets, safe
+checkpoint loading (ours and the released ones), training and command-line helpers.
+Written against the official code (github.com/Shi-qingyu/RecTok at ee87aaf), with ideas from nanoGPT, DiT,
+MAE, minRF and SiT. Where it departs from the official code it says so; README.md lists every difference.
 Tests: python -m pytest -q test_rectok.py
 """
+import argparse
 import json
 import math
 import os
+import pickle
 import sys
 import warnings
 from contextlib import nullcontext
@@ -44,9 +40,16 @@ from PIL import Image
 # =====================================================================================================
 
 
-def RMSNorm(dim):
-    """RMSNorm with eps 1e-6 and a learnable weight, the norm of every transformer in RecTok and DiT^DH."""
-    return nn.RMSNorm(dim, eps=1e-6)
+class RMSNorm(nn.RMSNorm):
+    """RMSNorm with eps 1e-6 and a learnable weight, the norm of every transformer in RecTok and DiT^DH. Computed
+    in fp32 (as the official DiT's norm): under bf16 autocast nn.RMSNorm would meet a bf16 input and an fp32
+    weight and fall back to its unfused kernel."""
+
+    def __init__(self, dim):
+        super().__init__(dim, eps=1e-6)
+
+    def forward(self, x):
+        return F.rms_norm(x.float(), self.normalized_shape, self.weight, self.eps)
 
 
 def rotate_half(x):
@@ -241,9 +244,8 @@ def kl_divergence(mean, logvar):
 
 
 class RecTok(nn.Module):
-    """The tokenizer. At inference only the encoder and the pixel decoder are used; the semantic decoder
-    exists for stage-1 training (teacher_dim > 0). The latent statistics are persistent buffers, measured on
-    data after training (official code keeps them out of every checkpoint), so a checkpoint carries them."""
+    """The tokenizer. Inference uses the encoder and the pixel decoder; the semantic decoder exists for stage 1
+    (teacher_dim > 0). The latent statistics are persistent buffers (the official code stores them nowhere)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -259,9 +261,8 @@ class RecTok(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self):
-        # Encoder and pixel decoder: N(0, 0.02) for every Linear/Conv, zero bias (official `_init_weights`;
-        # its truncation at +-2 is absolute, so it never bites). Position embeddings and the pixel mask token
-        # keep their randn * width^-0.5 from the constructor; RMSNorm weights are 1.
+        # Encoder and pixel decoder: N(0, 0.02) for every Linear/Conv, zero bias (official `_init_weights`, whose
+        # truncation at +-2 never bites); position embeddings and mask token keep randn * width^-0.5.
         def init(m):
             if isinstance(m, (nn.Linear, nn.Conv2d)):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -302,10 +303,9 @@ class RecTok(nn.Module):
         return (self.decoder(self.encode(img)[0]).float() * 0.5 + 0.5).clamp(0, 1)
 
     def forward(self, img, mask_ratio=0.0, noise=True):
-        """The training pass (the paper's pipeline figure). Returns the reconstruction (B, 3, H, W) on the [-1, 1] scale,
-        the semantic prediction (B, L, Dt) or None, and the KL term.
-        Stage 1: RAD masking, posterior sample, FSD noising, both decoders on the same x_t.
-        Decoder fine-tuning: mask_ratio=0, noise=False (the decoder still sees posterior samples)."""
+        """The training pass (the paper's pipeline figure) -> reconstruction (B, 3, H, W) on the [-1, 1] scale,
+        semantic prediction (B, L, Dt) or None, KL. Stage 1: RAD masking, posterior sample, FSD noising, both
+        decoders on the same x_t. Decoder fine-tuning: mask_ratio=0, noise=False (still posterior samples)."""
         B, L = img.shape[0], self.grid**2
         ids_keep = ids_restore = None
         if mask_ratio > 0:                                                 # RAD: encoder sees visible tokens only
@@ -361,18 +361,14 @@ TEACHERS = {  # name -> (timm model, teacher patch size)
 
 
 class Teacher(nn.Module):
-    """Frozen vision foundation model (DINOv3-L/16 in the paper): patch-token features of the clean, unmasked image,
-    after the model's final norm, with CLS and register tokens dropped, at the input resolution that gives
-    the tokenizer's token grid. It is kept outside RecTok, so it is never in the tokenizer's state dict, EMA
-    or checkpoints (the official code saves it by accident). Input: the image normalised with ImageNet
-    statistics at full resolution (the official code also truncates to uint8 and resizes 256->224->256; we
-    feed the clean image)."""
+    """Frozen vision foundation model (DINOv3-L/16 in the paper): patch-token features of the clean, unmasked image
+    after its final norm, CLS and registers dropped, on the tokenizer's grid. Kept outside RecTok, so never saved
+    (the official code saves it by accident). Input: the ImageNet-normalised image (the official code also
+    truncates to uint8 and resizes 256->224->256; we feed the clean image)."""
 
     def __init__(self, name, grid, ckpt=None):
         super().__init__()
         import timm
-        if name not in TEACHERS:
-            raise ValueError(f"unknown teacher {name!r}; choose from {list(TEACHERS)}")
         arch, patch = TEACHERS[name]
         self.res = grid * patch
         if name == "random" or ckpt == "random":  # 'random' teacher: 2 blocks; ckpt 'random': full size (benchmarks)
@@ -381,18 +377,14 @@ class Teacher(nn.Module):
             with torch.random.fork_rng(devices=[]):                         # the same random teacher every time
                 torch.manual_seed(0)
                 model = timm.create_model(arch, pretrained=False, img_size=self.res, **({"depth": 2} if name == "random" else {}))
-        else:
+        else:  # timm loads weight files with weights_only=True (or safetensors): no code runs
             try:
-                overlay = dict(file=ckpt) if ckpt else None
                 if ckpt and not os.path.isfile(ckpt):
                     raise FileNotFoundError(f"{ckpt} does not exist")
-                model = timm.create_model(arch, pretrained=True, img_size=self.res, pretrained_cfg_overlay=overlay)
+                model = timm.create_model(arch, pretrained=True, img_size=self.res, pretrained_cfg_overlay=dict(file=ckpt) if ckpt else None)
             except Exception as e:
-                raise FileNotFoundError(
-                    f"Could not load the weights of teacher {name!r} (timm model {arch}): {e}\n"
-                    f"Get them on a machine with internet (Hugging Face repo timm/{arch}, file model.safetensors) "
-                    f"and pass --teacher_ckpt /path/to/model.safetensors, or keep them in the Hugging Face cache. "
-                    f"For a smoke run without semantics use --teacher random.") from e
+                raise FileNotFoundError(f"could not load teacher {name!r} (timm {arch}): {str(e).splitlines()[0]}. Get "
+                                        f"model.safetensors from Hugging Face timm/{arch} and pass --teacher_ckpt PATH") from e
         self.model = model.eval().requires_grad_(False)
         self.dim = model.num_features
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
@@ -407,6 +399,55 @@ class Teacher(nn.Module):
         x = F.interpolate((img + 1) / 2, size=self.res, mode="bilinear", antialias=True, align_corners=False)
         feats = self.model.forward_features((x - self.mean) / self.std)   # (B, prefix + L, Dt)
         return feats[:, self.model.num_prefix_tokens:]
+
+
+class ShapesTeacher(Encoder):
+    """The semantic teacher of the embedded shapes (`--teacher shapes`), standing in for DINOv3 where no VFM
+    applies and none can be downloaded: a tiny ViT on the tokenizer's patch grid (the encoder's body, no latent
+    head), trained once to name the image's class from EVERY patch token, then frozen. Like a VFM's patch tokens,
+    its features (after the final norm) say what the image shows, so FSD and RAD have semantics to distil. It is
+    not eval.py's judge: another architecture, its own seed and training images, never the held-out set."""
+
+    def __init__(self, img_size, patch, num_classes=10, size=(64, 2, 2)):
+        super().__init__(size, img_size // patch, patch, 1)
+        self.latent_head, self.dim = nn.Identity(), self.width
+        self.head = nn.Linear(self.width, num_classes)                     # training only: the class from each token
+
+    @classmethod
+    def cached(cls, img_size, patch, num_classes=10):
+        """Trained once (about a minute on 2 CPU cores; seed 2, its own 3,000 images), then read from the cache."""
+        return shapes_net(lambda: cls(img_size, patch, num_classes), lambda net, x: net.head(net(x)), f"shapes_teacher_p{patch}",
+                          img_size, num_classes, n_images=3000, epochs=6, seed=2)[0]
+
+
+def shapes_net(make, logits, name, size, num_classes, n_images, epochs, seed, batch=50, lr=2e-3):
+    """A small network trained once on n_images embedded shapes of its own seed (cross-entropy on logits(net, x),
+    (B, ..., K)), scored on held-out shapes (seed 1, never trained on), cached in the torch hub folder; later
+    calls read the cache. The caller's random streams are left as they were. -> (frozen net, held-out accuracy)"""
+    path = os.path.join(torch.hub.get_dir(), f"rectok_{name}_{size}px_{num_classes}.pt")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = make()
+        state = load_state(path, f"the cached {name}") if os.path.isfile(path) else None
+        if state is None:                                                  # (also when called under no_grad)
+            from tqdm import tqdm
+            torch.set_grad_enabled(True)
+            data = Shapes(n_images, size, num_classes, seed=seed)
+            x, y = torch.stack([data[i][0] for i in range(n_images)]), torch.tensor(data.labels)  # rendered once
+            opt = torch.optim.AdamW(net.parameters(), lr=lr)
+            for _ in tqdm(range(epochs), desc=f"training the {name} (once)"):
+                for idx in torch.randperm(n_images).split(batch):
+                    out = logits(net, x[idx])                              # (B, K) or (B, L, K): every token
+                    loss = F.cross_entropy(out.flatten(0, -2), y[idx].repeat_interleave(out[0].numel() // num_classes))
+                    opt.zero_grad(set_to_none=True), loss.backward(), opt.step()
+            with torch.no_grad():
+                acc = torch.cat([logits(net.eval(), v).view(len(v), -1, num_classes).mean(1).argmax(1) == w
+                                 for v, w in torch.utils.data.DataLoader(Shapes(1000, size, num_classes, seed=1), 250)])
+            state = {"model": net.state_dict(), "val_acc": acc.float().mean().item()}
+            save_checkpoint(path, state)
+    net.load_state_dict(state["model"])
+    print(f"{name}: {state['val_acc']:.1%} of held-out shapes named ({path})")
+    return net.eval().requires_grad_(False), state["val_acc"]
 
 
 def sample_mask_ratio(max_ratio=0.4, min_ratio=-0.1):
@@ -424,7 +465,8 @@ def random_masking(B, L, n_keep, device=None):
 
 # =====================================================================================================
 # 4. Losses (the paper's training objective; official utils/losses.py). Images enter in [-1, 1]; terms are computed in fp32
-#    on [0, 1] with the reconstruction left unclamped, as the official code does.
+#    on [0, 1] with the reconstruction left unclamped, as the official code does. The two pretrained perceptual
+#    networks (LPIPS-VGG, ConvNeXt-S logits) live in train_tokenizer.py, their only user, as eval.py holds its Inception.
 # =====================================================================================================
 
 
@@ -435,71 +477,16 @@ def semantic_loss(pred, target):
 
 
 def load_weights(path, url, filename, flag):
-    """A pretrained state dict from a local file, the torch hub cache, or its URL; a clear error offline."""
-    if path:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{flag} {path}: no such file")
-        return torch.load(path, map_location="cpu", weights_only=True)
+    """A pretrained state dict from a local file, the torch hub cache or its URL, always with weights_only=True
+    (a crafted file cannot run code); offline, an error that names the file and where to put it."""
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", filename)
+    if path or os.path.isfile(cached):
+        return load_state(path or cached, flag if path else "cached weight file")
     try:
-        return torch.hub.load_state_dict_from_url(url, file_name=filename, map_location="cpu", progress=False)
+        return torch.hub.load_state_dict_from_url(url, file_name=filename, map_location="cpu", progress=False, weights_only=True)
     except Exception as e:
-        raise FileNotFoundError(f"Could not get {filename} from {url} ({type(e).__name__}: {e}).\n"
-                           f"Download it elsewhere and put it at {cached}, or pass {flag} /path/to/{filename}.") from e
-
-
-class LPIPS(nn.Module):
-    """LPIPS-VGG (Zhang et al. 2018) on torchvision's VGG16 with the standard v0.1 linear heads: channel-
-    normalised features at relu1_2 .. relu5_3, squared differences, 1x1 'lin' weights, spatial mean, sum."""
-    VGG = ("https://download.pytorch.org/models/vgg16-397923af.pth", "vgg16-397923af.pth")
-    LIN = ("https://heibox.uni-heidelberg.de/f/607503859c864bc1b30b/?dl=1", "vgg.pth")  # MD5 d507d734...
-
-    def __init__(self, vgg_path=None, lin_path=None):
-        super().__init__()
-        import torchvision
-        vgg = torchvision.models.vgg16()
-        vgg.load_state_dict(load_weights(vgg_path, *self.VGG, "--vgg_ckpt"))
-        self.features = vgg.features[:30]
-        self.taps = (3, 8, 15, 22, 29)                                     # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
-        self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in (64, 128, 256, 512, 512))
-        lin = load_weights(lin_path, *self.LIN, "--lpips_ckpt")
-        for k, conv in enumerate(self.lins):
-            conv.weight.data.copy_(lin[f"lin{k}.model.1.weight"])
-        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))
-        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))
-        self.eval().requires_grad_(False)
-
-    def forward(self, x, y):
-        """x, y in [0, 1] (B, 3, H, W) -> batch mean of the LPIPS distance."""
-        h = (torch.cat([x, y]) * 2 - 1 - self.shift) / self.scale
-        dist, k = 0.0, 0
-        for i, layer in enumerate(self.features):
-            h = layer(h)
-            if i in self.taps:
-                fx, fy = F.normalize(h, dim=1, eps=1e-10).chunk(2)
-                dist = dist + self.lins[k]((fx - fy) ** 2).mean((2, 3))
-                k += 1
-        return dist.mean()
-
-
-class ConvNeXtLogits(nn.Module):
-    """The official 0.1-weighted 'perceptual' term: MSE between torchvision ConvNeXt-S classifier logits
-    (not features) of the two images, resized to 224 and ImageNet-normalised."""
-    URL = ("https://download.pytorch.org/models/convnext_small-0c510722.pth", "convnext_small-0c510722.pth")
-
-    def __init__(self, path=None):
-        super().__init__()
-        import torchvision
-        self.net = torchvision.models.convnext_small()
-        self.net.load_state_dict(load_weights(path, *self.URL, "--convnext_ckpt"))
-        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
-        self.eval().requires_grad_(False)
-
-    def forward(self, x, y):
-        h = F.interpolate(torch.cat([x, y]), size=224, mode="bilinear", antialias=True)
-        lx, ly = self.net((h - self.mean) / self.std).chunk(2)
-        return F.mse_loss(lx, ly)
+        raise FileNotFoundError(f"could not download {filename} from {url} ({type(e).__name__}); "
+                                f"put the file at {cached} or pass {flag} PATH") from e
 
 
 def patchgan(ndf=64, n_layers=3):
@@ -736,54 +723,66 @@ def to_tensor(arr):
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
+def to_rgb(im):
+    """Any PIL image -> 8-bit RGB. 16/32-bit integer images are scaled from 0..65535 and float images from
+    [0, 1]: PIL's own convert would clip the first to white and truncate the second to black."""
+    if im.mode.startswith("I") or im.mode == "F":
+        a = np.asarray(im, dtype=np.float64) * (255 / 65535 if im.mode.startswith("I") else 255)
+        im = Image.fromarray(a.round().clip(0, 255).astype(np.uint8))
+    return im.convert("RGB")
+
+
+def listdir(path, folders):
+    """Sub-folders, or image files, of a folder; hidden ones (.ipynb_checkpoints, ...) are skipped."""
+    return sorted(n for n in os.listdir(path) if not n.startswith(".") and (os.path.isdir(os.path.join(path, n)) if folders
+                  else n.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(path, n))))
+
+
 class ImageFolderSubset(torch.utils.data.Dataset):
-    """ROOT/CLASS/IMAGE folders (ImageNet layout; or a flat folder of images, one class) -> (image (3, S, S)
-    in [-1, 1], label), ADM centre crop.
-    classes: None (all), a count (the first N class folders in sorted order) or a list of folder names;
-    per_class: keep at most this many images per class. Greyscale, CMYK, RGBA and palette images are
-    converted to RGB; unreadable ones (corrupt, truncated, empty) are skipped with a warning and counted."""
+    """ROOT/CLASS/IMAGE folders (or a flat folder: one class) -> (image (3, S, S) in [-1, 1], label), ADM crop.
+    classes: None (all), a count (the first N sorted) or a list of names; per_class: a cap per class. Any image
+    mode becomes 8-bit RGB. An unreadable image (corrupt, truncated, too large) gives None with a warning, and
+    the loaders (`collate`) drop it together with its label."""
 
     def __init__(self, root, size, classes=None, per_class=None):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"data folder {root!r} does not exist")
-        found = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-        if not found:                                                      # a flat folder: one unnamed class
-            found = ["."] if any(f.lower().endswith(IMAGE_EXTENSIONS) for f in os.listdir(root)) else []
+        found = listdir(root, folders=True) or (["."] if listdir(root, folders=False) else [])  # flat: one class
         if not found:
             raise ValueError(f"{root!r} holds no images and no class sub-folders (expected {root}/CLASS/IMAGE.JPEG)")
-        if isinstance(classes, int):
-            if classes > len(found):
-                raise ValueError(f"asked for {classes} classes but {root!r} has {len(found)}")
-            found = found[:classes]
-        elif classes is not None:
-            missing = sorted(set(classes) - set(found))
-            if missing:
-                raise ValueError(f"class folders not found in {root!r}: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-            found = list(classes)
-        self.classes, self.size, self.unreadable = found, size, set()
-        self.samples = []
+        if isinstance(classes, int) and classes > len(found):
+            raise ValueError(f"asked for {classes} classes but {root!r} has {len(found)}")
+        missing = sorted(set(classes) - set(found)) if isinstance(classes, list) else []
+        if missing:
+            raise ValueError(f"class folders not found in {root!r}: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        found = found[:classes] if isinstance(classes, int) else list(classes or found)
+        self.classes, self.size, self.unreadable, self.samples = found, size, set(), []
         for label, name in enumerate(found):
-            files = sorted(f for f in os.listdir(os.path.join(root, name)) if f.lower().endswith(IMAGE_EXTENSIONS))
-            self.samples += [(os.path.join(root, name, f), label) for f in files[:per_class]]
+            files = listdir(os.path.join(root, name), folders=False)[:per_class]
+            if not files:                                                  # as torchvision's ImageFolder: no silent label shift
+                raise ValueError(f"class folder {os.path.join(root, name)!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            self.samples += [(os.path.join(root, name, f), label) for f in files]
         self.labels = [label for _, label in self.samples]
-        if not self.samples:
-            raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root!r}")
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, i):
-        for k in range(len(self.samples)):                                 # fall through to the next readable image
-            path, label = self.samples[(i + k) % len(self.samples)]
-            if path in self.unreadable:
-                continue
-            try:
-                with Image.open(path) as im:
-                    return to_tensor(center_crop_arr(im.convert("RGB"), self.size)), label
-            except (OSError, ValueError, SyntaxError) as e:
+        path, label = self.samples[i]
+        try:
+            with Image.open(path) as im:
+                return to_tensor(center_crop_arr(to_rgb(im), self.size)), label
+        except Exception as e:                                             # PIL raises many kinds; all mean "unreadable"
+            if path not in self.unreadable:
                 self.unreadable.add(path)
-                warnings.warn(f"skipping unreadable image {path} ({e}); {len(self.unreadable)} skipped so far")
-        raise ValueError("none of the images could be read")
+                warnings.warn(f"skipping unreadable image {path} ({type(e).__name__}: {e})")
+            return None
+
+
+def collate(batch):
+    """The default collate without the unreadable images (None); None if none of them could be read."""
+    batch = [b for b in batch if b is not None]
+    return torch.utils.data.default_collate(batch) if batch else None
 
 
 SHAPE_COLOURS = [(0.9, 0.1, 0.1), (0.1, 0.35, 0.95), (0.95, 0.85, 0.1), (0.1, 0.8, 0.2), (0.85, 0.2, 0.85),
@@ -839,93 +838,57 @@ class Shapes(torch.utils.data.Dataset):
 # 8. Presets and checkpoints
 # =====================================================================================================
 
-VIT_SIZES = {  # (width, depth, heads): the official SIZE_DICT, plus the CPU-sized ones of the quick preset
-    "micro": (96, 2, 3),
-    "tiny": (192, 3, 4), "small": (512, 8, 8), "base": (768, 12, 12), "large": (1024, 24, 16),
-}
+VIT_SIZES = {  # (width, depth, heads): the official SIZE_DICT, plus the CPU-sized micro of the quick preset
+    "micro": (96, 2, 3), "tiny": (192, 3, 4), "small": (512, 8, 8), "base": (768, 12, 12), "large": (1024, 24, 16)}
 DIT_SIZES = {  # (backbone, head), each (width, depth, heads); every official size has the head (2048, 2, 16)
     "quick": ((192, 6, 3), (256, 1, 4)), "S": ((384, 12, 6), (2048, 2, 16)), "B": ((768, 12, 12), (2048, 2, 16)),
-    "L": ((1024, 24, 16), (2048, 2, 16)), "XL": ((1152, 28, 16), (2048, 2, 16)),
-}
+    "L": ((1024, 24, 16), (2048, 2, 16)), "XL": ((1152, 28, 16), (2048, 2, 16))}
+
+
+# Field groups share a line: each class reads as a small table.
+@dataclass
+class TokenizerConfig:  # the model's shape; sizes are (width, depth, heads); teacher_dim 0: no semantic decoder
+    img_size: int = 256; patch_size: int = 16; latent_dim: int = 128
+    encoder: tuple = VIT_SIZES["base"]; decoder: tuple = VIT_SIZES["base"]; sem_decoder: tuple = VIT_SIZES["tiny"]
+    teacher_dim: int = 1024
 
 
 @dataclass
-class TokenizerConfig:
-    img_size: int = 256
-    patch_size: int = 16
-    latent_dim: int = 128
-    encoder: tuple = VIT_SIZES["base"]
-    decoder: tuple = VIT_SIZES["base"]
-    sem_decoder: tuple = VIT_SIZES["tiny"]
-    teacher_dim: int = 1024                                                # 0: no semantic decoder
-
-
-@dataclass
-class DiTConfig:
-    grid: int = 16                                                         # latent grid (tokenizer img/patch)
-    latent_dim: int = 128
-    num_classes: int = 1000
-    patch_size: int = 1
-    backbone: tuple = DIT_SIZES["XL"][0]
-    head: tuple = DIT_SIZES["XL"][1]
+class DiTConfig:  # grid: the latent grid (tokenizer img_size / patch_size)
+    grid: int = 16; latent_dim: int = 128; num_classes: int = 1000; patch_size: int = 1
+    backbone: tuple = DIT_SIZES["XL"][0]; head: tuple = DIT_SIZES["XL"][1]
 
 
 @dataclass
 class TokenizerRecipe:
-    """Everything train_tokenizer.py takes from a preset; each field is also a flag of the same name.
-    Defaults are the paper's stage 1 (official run_train_tokenizer.sh)."""
-    img_size: int = 256
-    patch_size: int = 16
-    latent_dim: int = 128
-    encoder: str = "base"
-    decoder: str = "base"
-    sem_decoder: str = "tiny"
-    teacher: str = "dinov3_vitl16"
-    batch_size: int = 1024                                                 # global
-    epochs: float = 200
-    blr: float = 1e-4                                                      # lr = blr * batch_size / 256
-    warmup_epochs: float = 50
-    weight_decay: float = 1e-4
-    grad_clip: float = 3.0
-    ema: float = 0.999
-    mask_ratio_max: float = 0.4
-    noise: bool = True
-    flip: bool = True
-    perceptual_weight: float = 1.0
-    convnext: bool = True
-    kl_weight: float = 1e-6
-    sem_weight: float = 1.0
-    gan_weight: float = 0.1                                                # effective official value; paper states 0.5
-    gan_start_epoch: float = 100
-    ft_epochs: float = 100                                                 # decoder fine-tuning
-    ft_blr: float = 5e-5
-    ft_warmup_epochs: float = 5
+    """Everything train_tokenizer.py takes from a preset; each field is also a flag of the same name. Defaults are
+    the paper's stage 1 (official run_train_tokenizer.sh); the ft_ fields are decoder fine-tuning's."""
+    img_size: int = 256; patch_size: int = 16; latent_dim: int = 128
+    encoder: str = "base"; decoder: str = "base"; sem_decoder: str = "tiny"; teacher: str = "dinov3_vitl16"
+    batch_size: int = 1024; epochs: float = 200; blr: float = 1e-4; warmup_epochs: float = 50  # global; lr = blr*batch/256
+    weight_decay: float = 1e-4; grad_clip: float = 3.0; ema: float = 0.999
+    mask_ratio_max: float = 0.4; noise: bool = True; flip: bool = True                      # RAD, FSD, data
+    perceptual_weight: float = 1.0; convnext: bool = True; kl_weight: float = 1e-6; sem_weight: float = 1.0
+    gan_weight: float = 0.1; gan_start_epoch: float = 100          # 0.1: the official effective value (paper: 0.5)
+    ft_epochs: float = 100; ft_blr: float = 5e-5; ft_warmup_epochs: float = 5
 
 
 @dataclass
 class DiTRecipe:
-    """Everything train_dit.py takes from a preset (official run_train_diffusion.sh for the paper)."""
-    model: str = "XL"
-    patch_size: int = 1                                                    # latent patch size
-    flip: bool = True
-    batch_size: int = 1024
-    epochs: float = 800
-    lr: float = 2e-4
-    min_lr: float = 2e-5
-    decay_start_epoch: float = 40                                          # constant lr until here, then linear
-    decay_end_epoch: float = 800
-    grad_clip: float = 1.0
-    ema: float = 0.9995
-    label_drop: float = 0.1
-    sample_steps: int = 49                                                 # progress grids (official online eval: 50 points)
+    """Everything train_dit.py takes from a preset (official run_train_diffusion.sh for the paper). The lr is
+    constant until decay_start_epoch, then linear to min_lr; sample_steps: progress grids (official: 50 points)."""
+    model: str = "XL"; patch_size: int = 1; flip: bool = True; batch_size: int = 1024; epochs: float = 800
+    lr: float = 2e-4; min_lr: float = 2e-5; decay_start_epoch: float = 40; decay_end_epoch: float = 800
+    grad_clip: float = 1.0; ema: float = 0.9995; label_drop: float = 0.1; sample_steps: int = 49
 
 
 PRESETS = {
-    # CPU in minutes on the embedded shapes: small widths, 64 px, patch 8 (8x8 tokens), C = 16. Perceptual
-    # and ConvNeXt terms are off (they need pretrained VGG/ConvNeXt weights and dominate the CPU cost).
+    # CPU in minutes on the embedded shapes: small widths, 64 px, patch 8 (8x8 tokens), C = 16, the shapes
+    # teacher (DINOv3-S/16 on a --data_path). Perceptual and ConvNeXt terms are off (they need pretrained
+    # VGG/ConvNeXt weights and dominate the CPU cost).
     "quick": {"tokenizer": TokenizerRecipe(
                   img_size=64, patch_size=8, latent_dim=16, encoder="micro", decoder="micro",
-                  sem_decoder="micro", teacher="dinov3_vits16", flip=False, batch_size=32, epochs=16, blr=8e-3,
+                  sem_decoder="micro", teacher="shapes", flip=False, batch_size=32, epochs=16, blr=8e-3,
                   warmup_epochs=0.5, ema=0.995, perceptual_weight=0.0, convnext=False, gan_weight=0.0,
                   ft_epochs=8, ft_blr=4e-3, ft_warmup_epochs=0.2),
               "dit": DiTRecipe(model="quick", patch_size=2, batch_size=64, epochs=24, lr=2e-3, min_lr=2e-4,
@@ -939,22 +902,44 @@ PRESETS = {
 }
 
 
-def save_checkpoint(path, state):
-    """Atomic: write a temp file, then rename, so a run killed while saving keeps its previous checkpoint."""
+def atomic_write(path, write):
+    """write(f) fills path through a temporary file and a rename: a kill or a full disk never leaves a partial file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    try:
+        with open(path + ".tmp", "wb") as f:
+            write(f), f.flush(), os.fsync(f.fileno())
+        return os.replace(path + ".tmp", path) or path
+    except (OSError, RuntimeError) as e:                                   # torch.save reports a full disk as RuntimeError
+        raise OSError(f"could not write {path} ({str(e).splitlines()[0]}); nothing was left behind") from e
+    finally:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+
+
+def save_checkpoint(path, state):
+    """Atomic, and never with non-finite weights."""
+    for k, v in [kv for part in ("model", "ema") for kv in state.get(part, {}).items()]:
+        if v.is_floating_point() and not v.isfinite().all():
+            raise ValueError(f"refusing to write non-finite weights ({k}) to {path}")
+    return atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_state(path, what="checkpoint"):
+    """torch.load(..., weights_only=True): tensors and plain values only, so a crafted file cannot run code."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {path!r} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{what} {path!r} was refused: it holds Python objects besides tensors and plain values, "
+                         "and loading them could run code") from e
+    except Exception as e:
+        raise ValueError(f"{what} {path!r} is not a readable checkpoint ({type(e).__name__}; corrupt or not a torch file)") from e
 
 
 def load_checkpoint(path, kind, official=False):
-    """One of our checkpoints of this kind (tensors and plain types: it loads with weights_only=True), or with
-    official=True also an official release file (a dict with "model" and "model_ema" state dicts)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path!r} is not a readable checkpoint ({type(e).__name__}: {e})") from e
+    """One of our checkpoints of this kind, or with official=True also a released {"model", "model_ema"} file."""
+    ckpt = load_state(path, f"{kind} checkpoint")
     is_official = isinstance(ckpt, dict) and "kind" not in ckpt and ("model" in ckpt or "model_ema" in ckpt)
     if not (official and is_official) and (not isinstance(ckpt, dict) or ckpt.get("kind") != kind):
         found = "an official release file" if is_official else (ckpt.get("kind") if isinstance(ckpt, dict) else None)
@@ -966,15 +951,15 @@ def load_model(path, kind, ema=True):
     """RecTok (kind 'tokenizer') or DiTDH ('dit') from our checkpoint or an official one (RecTok.pth,
     RecTok_decft.pth, ditdhxl_epoch_0599.pth, ...); the EMA weights by default, as the official evaluation."""
     ckpt = load_checkpoint(path, kind, official=True)
-    if "kind" not in ckpt:
-        state = ckpt["model_ema" if ema and "model_ema" in ckpt else "model"]
-        return convert_official_tokenizer(state) if kind == "tokenizer" else convert_official_dit(state)
-    model = RecTok(TokenizerConfig(**ckpt["config"])) if kind == "tokenizer" else DiTDH(DiTConfig(**ckpt["config"]))
     try:
+        if "kind" not in ckpt:
+            state = ckpt["model_ema" if ema and "model_ema" in ckpt else "model"]
+            return convert_official_tokenizer(state) if kind == "tokenizer" else convert_official_dit(state)
+        model = RecTok(TokenizerConfig(**ckpt["config"])) if kind == "tokenizer" else DiTDH(DiTConfig(**ckpt["config"]))
         model.load_state_dict(ckpt["ema" if ema else "model"])
-    except (RuntimeError, KeyError) as e:
-        raise ValueError(f"{path!r}: the weights do not fit its own config ({e})") from e
-    return model
+        return model
+    except (RuntimeError, KeyError, TypeError, IndexError, AttributeError) as e:
+        raise ValueError(f"{path!r}: the weights do not fit a {kind} ({' '.join(str(e).split())[:200]})") from e
 
 
 # --- Released checkpoints. Official state dicts map onto these modules with a few renames; sizes are read
@@ -984,28 +969,28 @@ OFFICIAL_RENAMES = [  # (official key prefix or fragment, ours)
     ("encoder.patch_embed.0.", "encoder.patch_embed."), ("decoder.ffn.1.", "decoder.ffn."),
     ("decoder.decoder_embed.", "decoder.embed."), ("sem_decoder.token_embedding.", "sem_decoder.embed."),
     ("sem_decoder.mask_embedding", "sem_decoder.mask_token"), ("x_embedder.proj.", "x_embedder."),
-    ("s_embedder.proj.", "s_embedder."), ("y_embedder.embedding_table.", "y_embedder."),
-]
+    ("s_embedder.proj.", "s_embedder."), ("y_embedder.embedding_table.", "y_embedder.")]
 
 
 def _rename(sd):
     out = {}
     for k, v in sd.items():
-        if k.startswith("sem_decoders."):                                  # sem_decoders.dinov3.* -> sem_decoder.*
-            k = "sem_decoder." + k.split(".", 2)[2]
+        k = "sem_decoder." + k.split(".", 2)[2] if k.startswith("sem_decoders.") else k  # sem_decoders.dinov3.* -> sem_decoder.*
         for old, new in OFFICIAL_RENAMES:
-            if k.startswith(old):
-                k = new + k[len(old):]
+            k = new + k[len(old):] if k.startswith(old) else k
         out[k] = v
     return out
 
 
+def _heads(width, heads):
+    if width not in heads:
+        raise ValueError(f"cannot tell the number of heads at width {width}; pass heads={{{width}: H}}")
+    return heads[width]
+
+
 def _vit_size(sd, prefix, heads):
     width = sd[prefix + "positional_embedding"].shape[-1]
-    depth = len({k.split(".")[2] for k in sd if k.startswith(prefix + "transformer.")})
-    if width not in heads:
-        raise ValueError(f"cannot tell the number of heads of {prefix.rstrip('.')} (width {width}); pass heads={{{width}: H}}")
-    return (width, depth, heads[width])
+    return (width, len({k.split(".")[2] for k in sd if k.startswith(prefix + "transformer.")}), _heads(width, heads))
 
 
 def convert_official_tokenizer(sd, heads=None):
@@ -1023,10 +1008,7 @@ def convert_official_tokenizer(sd, heads=None):
                           sem_decoder=_vit_size(sd, "sem_decoder.", heads) if has_sem else VIT_SIZES["tiny"],
                           teacher_dim=sd["sem_decoder.out.weight"].shape[0] if has_sem else 0)
     model = RecTok(cfg)
-    try:
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-    except RuntimeError as e:
-        raise ValueError(f"official tokenizer weights do not fit the shapes read off them: {e}") from e
+    missing, unexpected = model.load_state_dict(sd, strict=False)
     if unexpected or set(missing) - {"latent_mean", "latent_std"}:
         raise ValueError(f"official tokenizer does not map cleanly: missing {missing}, unexpected {unexpected}")
     return model
@@ -1035,8 +1017,7 @@ def convert_official_tokenizer(sd, heads=None):
 def convert_official_dit(sd, heads=None):
     """Official DiTwDDTHead state dict -> DiTDH. Its stored RoPE tables are checked against ours, then dropped."""
     heads = {**OFFICIAL_HEADS, **(heads or {})}
-    ropes = {k: sd[k] for k in ("enc_feat_rope.freqs_cos", "enc_feat_rope.freqs_sin", "dec_feat_rope.freqs_cos",
-                                "dec_feat_rope.freqs_sin") if k in sd}
+    ropes = {k: v for k, v in sd.items() if "_feat_rope.freqs_" in k}
     sd = _rename({k: v for k, v in sd.items() if k not in ropes})
     if "s_embedder.weight" not in sd:
         raise ValueError("not an official DiT^DH state dict (no s_embedder.proj.weight)")
@@ -1045,16 +1026,11 @@ def convert_official_dit(sd, heads=None):
     if De == Dh:
         raise ValueError("backbone and head have the same width: the split between them cannot be read off the shapes")
     widths = [sd[f"blocks.{i}.norm1.weight"].shape[0] for i in range(len({k.split('.')[1] for k in sd if k.startswith('blocks.')}))]
-    for w in (De, Dh):
-        if w not in heads:
-            raise ValueError(f"cannot tell the number of heads at width {w}; pass heads={{{w}: H}}")
+    backbone, head = (De, widths.count(De), _heads(De, heads)), (Dh, widths.count(Dh), _heads(Dh, heads))
     cfg = DiTConfig(grid=math.isqrt(sd["pos_embed"].shape[1]) * p, latent_dim=C, num_classes=sd["y_embedder.weight"].shape[0] - 1,
-                    patch_size=p, backbone=(De, widths.count(De), heads[De]), head=(Dh, widths.count(Dh), heads[Dh]))
+                    patch_size=p, backbone=backbone, head=head)
     model = DiTDH(cfg)
-    try:
-        model.load_state_dict(sd, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"official DiT^DH weights do not map cleanly: {e}") from e
+    model.load_state_dict(sd, strict=True)                                 # load_model words a failure
     for name, table in ropes.items():                                      # the official tables are [cos | sin] per buffer
         ours = (model.rope_backbone if name.startswith("enc") else model.rope_head)[0 if name.endswith("cos") else 1]
         if not torch.allclose(ours, table.float(), atol=1e-5):
@@ -1062,26 +1038,27 @@ def convert_official_dit(sd, heads=None):
     return model
 
 
-def read_latent_stats(path):
-    """Latent mean and std (C,) from a .npz or .pt file with keys mean and std."""
-    d = np.load(path) if path.endswith(".npz") else torch.load(path, map_location="cpu", weights_only=True)
-    return torch.as_tensor(np.asarray(d["mean"])).float(), torch.as_tensor(np.asarray(d["std"])).float()
-
-
 # --- Training helpers shared by train_tokenizer.py and train_dit.py.
 
 
 def setup_distributed():
-    """DDP when launched by torchrun (it sets RANK), a single process otherwise. -> (rank, world, device)."""
+    """DDP under torchrun (it sets RANK), else one process. -> (rank, world, device). TF32 on GPU, as official."""
+    rank, world, device = 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if "RANK" in os.environ:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        return rank, world, device
-    return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else device
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return rank, world, device
+
+
+def broadcast(module, world):
+    """Rank 0's weights on every rank (before the EMA copy is made, so that every rank's EMA is the same)."""
+    for t in module.state_dict().values() if world > 1 else []:
+        dist.broadcast(t, 0)
+    return module
 
 
 def autocast(device):
@@ -1099,15 +1076,12 @@ def ema_update(ema, model, decay):
         p_ema.lerp_(p, 1 - decay) if p.requires_grad else p_ema.copy_(p)
 
 
-def rng_state():  # all randomness of a step (masks, noise, t, flips, label drop) comes from torch's RNGs
-    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-
-
 def gathered_rng_states(world):
-    """Every rank's RNG state, so that each rank resumes its own random streams."""
-    states = [rng_state()] * world
+    """Every rank's torch RNG states (all randomness of a step), so that each rank resumes its own streams."""
+    state = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    states = [state] * world
     if world > 1:
-        dist.all_gather_object(states, rng_state())
+        dist.all_gather_object(states, state)
     return states
 
 
@@ -1117,76 +1091,56 @@ def set_rng_state(state):
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def check_finite(step, saved, world, **values):
+    """Stop before the optimiser step if a loss term or gradient norm is not finite; saved: the last (path, step)."""
+    bad = torch.stack([~v.detach().isfinite() for v in values.values()]).any().float()
+    if world > 1:
+        dist.all_reduce(bad)
+    if bad.item():
+        sys.exit(f"non-finite loss or gradient at step {step + 1} ({', '.join(f'{k}={v.item():.4g}' for k, v in values.items())}); "
+                 f"stopped before the optimiser step: {f'the last good checkpoint is {saved[0]} (step {saved[1]})' if saved else 'no checkpoint was written yet'}.")
+
+
 def epoch_loader(dataset, batch_size, epoch, seed, skip_batches=0, rank=0, world=1, workers=0):
     """This rank's batches of one epoch: a permutation fixed by (seed, epoch), so a resumed run skips exactly
     the batches it has seen. It draws nothing from the global RNG, which resume restores separately."""
     g = torch.Generator().manual_seed(seed * 10_007 + epoch)
     n = len(dataset) // (batch_size * world) * batch_size * world          # drop the ragged end
     order = torch.randperm(len(dataset), generator=g)[:n][rank::world][skip_batches * batch_size:]
-    return torch.utils.data.DataLoader(dataset, batch_size, sampler=order.tolist(), num_workers=workers,
+    return torch.utils.data.DataLoader(dataset, batch_size, sampler=order.tolist(), num_workers=workers, collate_fn=collate,
                                        drop_last=True, generator=g, persistent_workers=False, pin_memory=False)
 
 
-def add_common_args(parser):
-    """Flags shared by the two training scripts: data, run control, checkpoints."""
-    g = parser.add_argument_group("data")
-    g.add_argument("--data_path", help="ImageNet-style train folder (ROOT/CLASS/IMAGE); without it, the embedded shapes")
-    g.add_argument("--num_classes", type=int, help="use the first N class folders (sorted)")
-    g.add_argument("--class_list", help="file with one class folder name per line")
-    g.add_argument("--images_per_class", type=int, help="keep at most N images per class")
-    g.add_argument("--shapes_n", type=int, default=4000, help="size of the embedded shapes training set")
-    g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    g = parser.add_argument_group("run")
-    g.add_argument("--preset", default="quick", choices=list(PRESETS))
-    g.add_argument("--out", required=True, help="run folder: checkpoint, log.jsonl, image grids")
-    g.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--steps", type=int, help="total optimisation steps (default: from epochs)")
-    g.add_argument("--stop_at", type=int, help="save and stop at this step, to be continued with --resume")
-    g.add_argument("--log_every", type=int, default=20)
-    g.add_argument("--image_every", type=int, default=500, help="write a progress image grid every N steps")
-    g.add_argument("--ckpt_every", type=int, default=500)
-    g.add_argument("--compile", action="store_true", help="torch.compile the model (falls back to eager)")
+def spread_subset(labels, n=None, seed=0):
+    """n indices (all for None), seeded: round-robin over the classes, random images within each class."""
+    labels = torch.as_tensor(labels)
+    if n is None or n >= len(labels):
+        return torch.arange(len(labels))
+    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    lab, counts = labels[perm], torch.bincount(labels)
+    by_class = lab.argsort(stable=True)                                    # positions in perm, grouped by class
+    place = torch.empty_like(lab)
+    place[by_class] = torch.arange(len(lab)) - (counts.cumsum(0) - counts)[lab[by_class]]  # its place within its class
+    return perm[place.argsort(stable=True)[:n]].sort().values
 
 
-def dataset_from_args(args, img_size, train=True):
-    """The embedded shapes (train: seed 0, held-out: seed 1), or an ImageNet-style folder subset."""
-    if args.data_path is None:
-        return Shapes(args.shapes_n if train else 1000, img_size, args.num_classes or 10, seed=0 if train else 1)
-    classes = args.num_classes
-    if args.class_list:
-        with open(args.class_list) as f:
-            classes = [line.strip() for line in f if line.strip()]
-    return ImageFolderSubset(args.data_path, img_size, classes, args.images_per_class)
+def pass_loader(dataset, batch_size, workers=0, n=None, rank=0, world=1, what="images"):
+    """One pass (statistics, cache, evaluation) over this rank's share of a spread subset; no global RNG draws."""
+    idx = spread_subset(dataset.labels, n)
+    if rank == 0:
+        print(f"{what}: {len(idx)} of {len(dataset)} images, {len(set(np.asarray(dataset.labels)[idx.numpy()]))} "
+              f"of {len(set(dataset.labels))} classes")
+    return torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, idx[rank::world].tolist()), batch_size,
+                                       num_workers=workers, collate_fn=collate, generator=torch.Generator())
 
 
 def maybe_compile(modules, enabled):
-    """--compile: torch.compile each module in place, so state-dict keys and checkpoints do not change. The
-    tokenizer compiles its ViTs, not its forward: the per-step mask ratio would recompile a compiled forward
-    at every new value. Where compiling fails, dynamo warns and runs that code eagerly."""
+    """--compile: torch.compile each module in place (state-dict keys unchanged); failures fall back to eager. The
+    tokenizer compiles its ViTs, not its forward, which the per-step mask ratio would recompile at every value."""
     if enabled:
         torch._dynamo.config.suppress_errors = True
         for m in modules:
             m.compile()
-
-
-def run_cli(main, get_args):
-    """Run a script; bad input (missing files or weights, wrong checkpoints, unusable data) ends with its
-    message rather than a traceback."""
-    try:
-        main(get_args())
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
-
-
-def check_finite(loss, terms, step, ckpt_path, world):
-    """A non-finite loss stops the run before it touches the weights; the last checkpoint stays good."""
-    bad = torch.tensor(float(not torch.isfinite(loss)), device=loss.device)
-    if world > 1:
-        dist.all_reduce(bad)
-    if bad.item():
-        sys.exit(f"non-finite loss at step {step} ({', '.join(f'{k}={v.item():.4g}' for k, v in terms.items())}); "
-                 f"stopping. The last good checkpoint, {ckpt_path}, is intact.")
 
 
 def log_json(path, record):
@@ -1197,8 +1151,106 @@ def log_json(path, record):
         f.write(json.dumps(record) + "\n")
 
 
+def save_grid(images, path, nrow=8):
+    """A PNG grid of images in [0, 1], written atomically."""
+    from torchvision.utils import save_image
+    return atomic_write(path, lambda f: save_image(images, f, nrow=nrow, format="png"))
+
+
+# --- Command lines: every flag checked where it is read, run folders never overwritten by accident.
+
+
+def number(kind, low=0.0, high=None, low_ok=False):
+    """An argparse type: a finite `kind` above low (or at it, with low_ok), and at most high."""
+    def check(text):
+        v = kind(text)
+        if not (math.isfinite(v) and (v >= low if low_ok else v > low) and (high is None or v <= high)):
+            raise argparse.ArgumentTypeError(f"must be {'>=' if low_ok else '>'} {low:g}{'' if high is None else f' and <= {high:g}'}, got {text}")
+        return v
+    check.__name__ = kind.__name__
+    return check
+
+
+POS_INT, NONNEG_INT, POS_FLOAT, NONNEG_FLOAT = number(int), number(int, low_ok=True), number(float), number(float, low_ok=True)
+FRACTION = number(float, 0.0, 1.0, low_ok=True)
+
+
+def add_common_args(parser):
+    """Flags shared by the two training scripts: data, run control, checkpoints."""
+    g = parser.add_argument_group("data")
+    g.add_argument("--data_path", help="ImageNet-style train folder (ROOT/CLASS/IMAGE); without it, the embedded shapes")
+    g.add_argument("--num_classes", type=POS_INT, help="use the first N class folders (sorted)")
+    g.add_argument("--class_list", help="file with one class folder name per line")
+    g.add_argument("--images_per_class", type=POS_INT, help="keep at most N images per class")
+    g.add_argument("--shapes_n", type=POS_INT, default=4000, help="size of the embedded shapes training set")
+    g.add_argument("--workers", type=NONNEG_INT, default=0, help="DataLoader worker processes (every data pass)")
+    g = parser.add_argument_group("run")
+    g.add_argument("--preset", default="quick", choices=list(PRESETS))
+    g.add_argument("--out", required=True, help="run folder: checkpoint, log.jsonl, image grids")
+    g.add_argument("--resume", action="store_true", help="continue the run in OUT")
+    g.add_argument("--overwrite", action="store_true", help="delete the run in OUT and start over")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--steps", type=POS_INT, help="total optimisation steps (default: from epochs)")
+    g.add_argument("--stop_at", type=POS_INT, help="save and stop at this step, to be continued with --resume")
+    g.add_argument("--log_every", type=POS_INT, default=20)
+    g.add_argument("--image_every", type=POS_INT, default=500, help="write a progress image grid every N steps")
+    g.add_argument("--ckpt_every", type=POS_INT, default=500)
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (falls back to eager)")
+
+
 def override(recipe, args):
     """A preset with the flags the user set (not None) laid over it."""
     given = {f.name: getattr(args, f.name) for f in fields(recipe) if getattr(args, f.name, None) is not None}
     return replace(recipe, **given)
 
+
+def dataset_from_args(args, img_size, train=True):
+    """The embedded shapes (train: seed 0, held-out: seed 1), or an ImageNet-style folder subset."""
+    if args.data_path is None:
+        return Shapes(args.shapes_n if train else 1000, img_size, args.num_classes or 10, seed=0 if train else 1)
+    classes = open(args.class_list).read().split() if args.class_list else args.num_classes
+    return ImageFolderSubset(args.data_path, img_size, classes, args.images_per_class)
+
+
+def writable(path, folder=False):
+    """Stop before any work if path cannot be written: a folder (made if missing), or a file in one."""
+    if os.path.exists(path) and os.path.isdir(path) != folder:
+        raise ValueError(f"{path} is {'a file' if folder else 'a folder'}; expected {'a folder' if folder else 'a file name'}")
+    where = path if folder else os.path.dirname(os.path.abspath(path))
+    try:
+        probe = os.path.join(where, f".write_test{os.getpid()}")
+        os.makedirs(where, exist_ok=True), open(probe, "wb").close()
+        return os.remove(probe) or path
+    except OSError as e:
+        raise OSError(f"cannot write to {where}: {e.strerror or e}") from e
+
+
+def start_run(args, kind, rank=0):
+    """-> (checkpoint to resume or None, ckpt path, log path). A run is never overwritten by accident; on resume
+    log.jsonl keeps only the steps up to the checkpoint, so that each step is logged once."""
+    ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl")
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run in --out, --overwrite deletes it: pass one of them")
+    if not (args.resume or args.overwrite) and (os.path.exists(ckpt_path) or os.path.exists(log_path)):
+        raise ValueError(f"{args.out} already holds a run: pass --resume to continue it, or --overwrite to delete it and start over")
+    resume = load_checkpoint(ckpt_path, kind) if args.resume and os.path.exists(ckpt_path) else None
+    if rank == 0:                                                          # rank 0 alone touches the folder
+        writable(args.out, folder=True)
+        for name in os.listdir(args.out) if args.overwrite else []:
+            if name in ("ckpt.pt", "log.jsonl") or name.startswith(("recon_", "samples_")) and name.endswith(".png"):
+                os.remove(os.path.join(args.out, name))
+        if args.resume and resume is None:
+            print(f"--resume: no {ckpt_path} yet, starting a new run")
+        if os.path.exists(log_path):                                       # drop the steps logged after the checkpoint
+            with open(log_path) as f:
+                lines = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= (resume or {}).get("step", 0)]
+            atomic_write(log_path, lambda f: f.write("".join(lines).encode()))
+    return resume, ckpt_path, log_path
+
+
+def run_cli(main, get_args):
+    """Run a script; an expected failure (files, permissions, disk, bad data) ends in one line, not a traceback."""
+    try:
+        main(get_args())
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {e}")

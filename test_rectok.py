@@ -5,8 +5,12 @@ scripts end to end. RecTok (arXiv 2512.13421). CPU only, tiny models, about a mi
   python -m pytest -q test_rectok.py
 """
 import dataclasses
+import errno
+import json
 import math
 import os
+import pickle
+import re
 import warnings
 
 import numpy as np
@@ -214,7 +218,7 @@ def test_flow_matching_loss_by_hand():
 
 # ----------------------------------------------------------------------------- data and checkpoints
 
-def test_image_folder_bad_inputs(tmp_path):
+def test_image_folder_bad_inputs(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         R.ImageFolderSubset(str(tmp_path / "nowhere"), 32)
     (tmp_path / "empty").mkdir()
@@ -222,27 +226,66 @@ def test_image_folder_bad_inputs(tmp_path):
         R.ImageFolderSubset(str(tmp_path / "empty"), 32)
     root = make_image_folder(tmp_path / "data")
     ds = R.ImageFolderSubset(str(root), 32)
+    assert ds.classes == ["a", "b"]                                        # .ipynb_checkpoints is no class
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)                   # a 40x50 image is now a "decompression bomb"
     with pytest.warns(UserWarning, match="skipping unreadable"):
         items = [ds[i] for i in range(len(ds))]
-    assert len(ds.unreadable) == 3 and all(x.shape == (3, 32, 32) and -1 <= x.min() <= x.max() <= 1 for x, _ in items)
-    assert len(R.ImageFolderSubset(str(root), 32, classes=["b"])) == 4 and len(R.ImageFolderSubset(str(root), 32, per_class=1)) == 2
+    names = [os.path.basename(p) for p, _ in ds.samples]
+    assert sorted(os.path.basename(p) for p in ds.unreadable) == ["bomb.png", "empty.jpg", "text.jpeg", "truncated.jpg"]
+    kept = {n: x for n, item in zip(names, items) if item is not None for x in [item[0]]}
+    assert all(x.shape == (3, 32, 32) and -1 <= x.min() <= x.max() <= 1 for x in kept.values())
+    grey = lambda n: ((kept[n][0].mean() + 1) * 127.5).item()               # noqa: E731 mean grey level
+    assert abs(grey("grey16.png") - 128) < 2 and abs(grey("float.tif") - 128) < 2   # 16-bit and float images: mid-grey
+    batch = R.collate(items[:4])                                           # the unreadable ones drop out, labels with them
+    assert len(batch[0]) == len(batch[1]) == sum(item is not None for item in items[:4])
+    assert len(R.ImageFolderSubset(str(root), 32, classes=["b"])) == 5 and len(R.ImageFolderSubset(str(root), 32, per_class=1)) == 2
     with pytest.raises(ValueError, match="not found"):
         R.ImageFolderSubset(str(root), 32, classes=["zebra"])
+    (root / "c").mkdir()                                                   # an empty class would shift every label after it
+    with pytest.raises(ValueError, match="class folder .*c' holds no images"):
+        R.ImageFolderSubset(str(root), 32)
 
 
 def make_image_folder(root):
-    """Two classes; greyscale, CMYK, RGBA and palette images, plus a truncated JPEG, an empty file and text."""
-    for c in "ab":
+    """Two classes; greyscale, CMYK, RGBA, palette, 16-bit and float images, plus a truncated JPEG, an empty
+    file, text, a hidden folder, and bomb.png, too large to decode once PIL's pixel limit is lowered."""
+    for c in ("a", "b", ".ipynb_checkpoints"):
         (root / c).mkdir(parents=True)
     rgb = Image.fromarray((np.random.RandomState(0).rand(40, 50, 3) * 255).astype(np.uint8))
     rgb.save(root / "a" / "rgb.png"), rgb.convert("L").save(root / "a" / "grey.png"), rgb.convert("CMYK").save(root / "a" / "cmyk.jpg")
     rgb.convert("RGBA").save(root / "b" / "rgba.png"), rgb.convert("P").save(root / "b" / "palette.png")
+    rgb.save(root / ".ipynb_checkpoints" / "x.png"), rgb.resize((100, 100)).save(root / "a" / "bomb.png")
+    Image.fromarray(np.full((40, 50), 32896, np.uint16)).save(root / "a" / "grey16.png")   # 16-bit mid-grey
+    Image.fromarray(np.full((40, 50), 0.5, np.float32)).save(root / "b" / "float.tif")     # float mid-grey
     rgb.save(root / "b" / "full.jpg")
     (root / "b" / "truncated.jpg").write_bytes((root / "b" / "full.jpg").read_bytes()[:200])
     (root / "a" / "empty.jpg").write_bytes(b"")
     (root / "b" / "text.jpeg").write_text("not an image")
     os.remove(root / "b" / "full.jpg")
     return root
+
+
+def test_subsets_spread_over_classes():
+    labels = torch.arange(20).repeat_interleave(50)                        # a class-ordered folder: 20 classes x 50
+    idx = R.spread_subset(labels, 40, seed=3)
+    assert len(set(idx.tolist())) == 40 and torch.bincount(labels[idx], minlength=20).tolist() == [2] * 20
+    assert not torch.equal(idx, R.spread_subset(labels, 40, seed=4)) and torch.equal(idx, R.spread_subset(labels, 40, seed=3))
+    assert torch.equal(R.spread_subset(labels, None), torch.arange(1000))
+
+
+def test_atomic_writes_on_a_full_disk(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    R.save_checkpoint(path, {"kind": "x", "step": 1})
+    def full_disk(state, f):
+        f.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="could not write .*No space left on device"):
+        R.save_checkpoint(path, {"kind": "x", "step": 2})
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["ckpt.pt"] and torch.load(path, weights_only=True)["step"] == 1
+    with pytest.raises(ValueError, match="non-finite weights"):
+        R.save_checkpoint(path, {"kind": "x", "model": {"w": torch.tensor([float("nan")])}})
 
 
 def test_checkpoint_roundtrip(tmp_path):
@@ -291,29 +334,45 @@ def runs(tmp_path_factory):
     return root, tok
 
 
-def test_tokenizer_script_resumes_exactly(runs, tmp_path):
+def log_steps(folder):
+    return [json.loads(line)["step"] for line in open(folder / "log.jsonl")]
+
+
+def test_tokenizer_script_resumes_exactly(runs, tmp_path, capsys):
     root, full = runs
     run(train_tokenizer, TOK, tmp_path, "--steps", "4", "--stop_at", "2")
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 2
+    with open(tmp_path / "log.jsonl", "a") as f:                           # steps logged after the checkpoint, then a kill
+        f.write('{"step": 3, "loss": 0.1}\n{"step": 4, "lo')
     run(train_tokenizer, TOK, tmp_path, "--steps", "4", "--resume")
     a, b = torch.load(full, weights_only=True), torch.load(tmp_path / "ckpt.pt", weights_only=True)
     for key in ("model", "ema", "disc"):
         assert same_state(a[key], b[key]), key
-    log = [eval_json(line) for line in open(root / "tok" / "log.jsonl")]
+    assert log_steps(tmp_path) == [1, 2, 3, 4]                              # each step logged once
+    log = [json.loads(line) for line in open(root / "tok" / "log.jsonl")]
     assert {"pixel", "kl", "semantic", "gan", "disc", "lr", "grad_norm", "steps_per_s"} <= log[-1].keys()
     assert os.path.exists(root / "tok" / "recon_000004.png")
     # The teacher is never saved: no teacher weights in any state dict, only the semantic decoder's output width.
     assert not any("teacher" in k or k.startswith("model.") for k in a["model"])
     assert a["model"]["sem_decoder.out.weight"].shape[0] == a["config"]["teacher_dim"] == 384
     assert (a["ema"]["latent_std"] != 1).all()                             # statistics measured and stored
+    # A rerun never destroys a run: without a flag it refuses, --resume on a finished run does nothing.
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    with pytest.raises(ValueError, match="already holds a run: pass --resume .* or --overwrite"):
+        run(train_tokenizer, TOK, tmp_path, "--steps", "2")
+    run(train_tokenizer, TOK, tmp_path, "--steps", "4", "--resume")
+    assert "finished run (step 4 of 4)" in capsys.readouterr().out
+    assert (tmp_path / "ckpt.pt").read_bytes() == before and log_steps(tmp_path) == [1, 2, 3, 4]
+    run(train_tokenizer, TOK, tmp_path, "--steps", "2", "--overwrite")   # deliberately starting over
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 2 and log_steps(tmp_path) == [1, 2]
 
 
-def eval_json(line):
-    import json
-    return json.loads(line)
+def nan_gradient(loss_fn):
+    """The same loss with a finite value but NaN gradients (d sqrt(x) / dx at 0 is inf, times 0)."""
+    return lambda *a, **k: (lambda out: out + torch.sqrt(0 * out))(loss_fn(*a, **k))
 
 
-def test_decoder_finetune_and_bad_input(runs, tmp_path, monkeypatch):
+def test_decoder_finetune_and_nan_gradients(runs, tmp_path, monkeypatch):
     root, stage1 = runs
     ft = run(train_tokenizer, TOK, tmp_path / "ft", "--decoder_finetune", "--init_from", stage1, "--steps", "2")
     a, b = torch.load(stage1, weights_only=True), torch.load(ft, weights_only=True)
@@ -321,36 +380,40 @@ def test_decoder_finetune_and_bad_input(runs, tmp_path, monkeypatch):
     enc = [k for k in b["model"] if k.startswith("encoder.")]
     assert all(torch.equal(b["model"][k], a["model"][k]) and torch.equal(b["ema"][k], a["model"][k]) for k in enc)
     assert not all(torch.equal(b["model"][k], a["model"][k]) for k in b["model"] if k.startswith("decoder."))
-    with pytest.raises(SystemExit, match="need --init_from"):
-        run(train_tokenizer, TOK, tmp_path / "x", "--decoder_finetune")
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        run(train_tokenizer, TOK, tmp_path / "x", "--data_path", str(tmp_path / "missing"))
     data = make_image_folder(tmp_path / "data")                            # odd images: converted or skipped
     with pytest.warns(UserWarning, match="skipping unreadable"):
-        run(train_tokenizer, TOK, tmp_path / "folder", "--data_path", str(data), "--batch_size", "2", "--steps", "1")
-    monkeypatch.setattr(R, "kl_divergence", lambda mean, logvar: torch.tensor(float("nan")))
-    with pytest.raises(SystemExit, match="non-finite loss at step 2.*intact"):
+        run(train_tokenizer, TOK, tmp_path / "folder", "--data_path", str(data), "--batch_size", "1", "--steps", "8")
+    # A finite loss with NaN gradients: the run stops before the optimiser step and writes nothing.
+    monkeypatch.setattr(R.TokenizerLoss, "total", nan_gradient(R.TokenizerLoss.total))
+    before = (tmp_path / "ft" / "ckpt.pt").read_bytes()
+    with pytest.raises(SystemExit, match=r"non-finite loss or gradient at step 3 .*grad_norm=nan.*ft/ckpt.pt \(step 2\)"):
         run(train_tokenizer, TOK, tmp_path / "ft", "--steps", "4", "--resume")
-    assert torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=True)["step"] == 2
+    assert (tmp_path / "ft" / "ckpt.pt").read_bytes() == before
+    with pytest.raises(SystemExit, match="at step 1 .*no checkpoint was written yet"):
+        run(train_tokenizer, TOK, tmp_path / "new", "--steps", "4")
+    assert not os.path.exists(tmp_path / "new" / "ckpt.pt")
+    monkeypatch.setattr(R, "flow_matching_loss", nan_gradient(R.flow_matching_loss))
+    with pytest.raises(SystemExit, match="at step 1 .*no checkpoint"):
+        run(train_dit, DIT, tmp_path / "dit", "--tokenizer", stage1, "--steps", "4")
+    assert not os.path.exists(tmp_path / "dit" / "ckpt.pt")
 
 
 def test_dit_sample_eval(runs, tmp_path):
     root, tok = runs
     full = run(train_dit, DIT, tmp_path / "full", "--tokenizer", tok, "--steps", "4")
-    run(train_dit, DIT, tmp_path / "half", "--tokenizer", tok, "--steps", "4", "--stop_at", "2")
-    run(train_dit, DIT, tmp_path / "half", "--tokenizer", tok, "--steps", "4", "--resume")
+    # Resumed, and with the latent cache already there: the same weights, bit for bit.
+    run(train_dit, DIT, tmp_path / "half", "--tokenizer", tok, "--steps", "4", "--stop_at", "2", "--latent_cache", str(tmp_path / "full" / "latents.npy"))
+    run(train_dit, DIT, tmp_path / "half", "--tokenizer", tok, "--steps", "4", "--resume", "--latent_cache", str(tmp_path / "full" / "latents.npy"))
     a, b = torch.load(full, weights_only=True), torch.load(tmp_path / "half" / "ckpt.pt", weights_only=True)
     assert same_state(a["model"], b["model"]) and same_state(a["ema"], b["ema"])
     assert os.path.exists(tmp_path / "full" / "samples_000004.png")
     with pytest.raises(ValueError, match="not a tokenizer checkpoint"):   # a checkpoint of the wrong kind
         run(train_dit, DIT, tmp_path / "x", "--tokenizer", full)
     other = run(train_tokenizer, TOK, tmp_path / "tok8", "--steps", "1", "--latent_dim", "8")
-    with pytest.raises(SystemExit, match="latent width 16, but the tokenizer/data give 8"):
-        run(train_dit, DIT, tmp_path / "full", "--tokenizer", other, "--resume")
-    with pytest.raises(SystemExit, match="different tokenizer"):
+    with pytest.raises(ValueError, match="latent width 16, but the tokenizer/data give 8"):
+        run(train_dit, DIT, tmp_path / "full", "--tokenizer", other, "--resume", "--steps", "6")
+    with pytest.raises(ValueError, match="different tokenizer"):
         run(train_dit, DIT, tmp_path / "y", "--tokenizer", other, "--latent_cache", str(tmp_path / "full" / "latents.npy"))
-    with pytest.raises(ValueError, match="not a dit checkpoint"):
-        sample.main(sample.get_args(["--ckpt", tok, "--out", str(tmp_path / "g.png")]))
     grid = sample.main(sample.get_args(["--ckpt", full, "--out", str(tmp_path / "grid.png"), "--steps", "2"]))
     assert Image.open(grid).size[0] > 32
     npz = sample.main(sample.get_args(["--ckpt", full, "--out", str(tmp_path / "s.npz"), "--steps", "2", "--num_images", "20",
@@ -360,16 +423,193 @@ def test_dit_sample_eval(runs, tmp_path):
     sample.main(sample.get_args(["--ckpt", full, "--out", str(tmp_path / "traj.png"), "--steps", "3", "--trajectory"]))
     res = evaluate.main(evaluate.get_args(["gen", "--samples", npz, "--shapes", "--batch_size", "10"]))
     assert 0 <= res["accuracy"] <= 1 and np.isfinite(res["fd"])
-    ref = tmp_path / "ref.npz"
-    np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048))
-    with pytest.raises(SystemExit, match="too few"):
-        evaluate.main(evaluate.get_args(["gen", "--samples", npz, "--ref_stats", str(ref), "--inception", "random"]))
-    res = evaluate.main(evaluate.get_args(["gen", "--samples", npz, "--ref_stats", str(ref), "--inception", "random", "--allow_small"]))
-    assert np.isfinite(res["fid"]) and res["is"] >= 1
     res = evaluate.main(evaluate.get_args(["recon", "--ckpt", tok, "--num_images", "20"]))
     assert 0 < res["psnr"] < 60
-    res = evaluate.main(evaluate.get_args(["probe", "--ckpt", tok, "--shapes_n", "40", "--num_images", "40"]))
-    assert set(res) == {0.2, 0.4, 0.6, 0.8, 1.0}
+    res = evaluate.main(evaluate.get_args(["probe", "--ckpt", tok, "--shapes_n", "40", "--num_images", "40", "--out", str(tmp_path / "pca.png")]))
+    assert set(res) == {0.2, 0.4, 0.6, 0.8, 1.0} and Image.open(tmp_path / "pca.png").size == (6 * 32 + 14, 8 * 32 + 18)
+    # The tokenizer at the DiT's stored path was replaced by another one of the same shape: refused.
+    orig = torch.load(tok, weights_only=True)
+    torch.save({**orig, "ema": {k: v + 0.01 for k, v in orig["ema"].items()}}, tmp_path / "tok_copy.pt")
+    torch.save({**torch.load(full, weights_only=True), "tokenizer": str(tmp_path / "tok_copy.pt")}, tmp_path / "dit2.pt")
+    with pytest.raises(ValueError, match="no longer the tokenizer"):
+        sample.main(sample.get_args(["--ckpt", str(tmp_path / "dit2.pt"), "--out", str(tmp_path / "g2.png")]))
+
+
+def test_dit_cache_labels_follow_their_images(runs, tmp_path):
+    root, tok = runs
+    data = make_image_folder(tmp_path / "data")                            # a: 5 readable of 6, b: 3 readable of 5
+    with pytest.warns(UserWarning, match="skipping unreadable"):
+        run(train_dit, DIT, tmp_path / "dit", "--tokenizer", tok, "--data_path", str(data), "--batch_size", "2", "--steps", "1")
+    labels = np.load(tmp_path / "dit" / "latents.npy.labels.npy")
+    ds = R.ImageFolderSubset(str(data), 32)
+    readable = [os.path.basename(p) not in ("empty.jpg", "text.jpeg", "truncated.jpg") for p, _ in ds.samples]
+    assert labels.tolist() == [y if ok else -1 for (_, y), ok in zip(ds.samples, readable)]
+    cache = np.load(tmp_path / "dit" / "latents.npy", mmap_mode="r")
+    model = R.load_model(tok, "tokenizer").eval()
+    k = readable.index(True, 3)                                            # a readable image after an unreadable one
+    with torch.no_grad():
+        assert np.allclose(cache[k, 0, :, :16], model.encode(ds[k][0][None])[0][0].numpy(), atol=1e-3, rtol=1e-2)
+
+
+class Payload:
+    """A pickle that runs a command when loaded: what a crafted weight file does."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_bad_input_one_line_each(runs, tmp_path, capsys):
+    root, tok = runs
+    marker, crafted, junk, pkl = tmp_path / "ran", tmp_path / "crafted.pt", tmp_path / "junk.pt", tmp_path / "stats.pkl"
+    crafted.write_bytes(pickle.dumps({"model": Payload(marker)}))
+    pkl.write_bytes(pickle.dumps({"key": {"channel": (Payload(marker), 1)}}))
+    junk.write_bytes(b"junk")
+    (tmp_path / "afile").write_text("")
+    folder = make_image_folder(tmp_path / "data")
+    (tmp_path / "hole" / "a").mkdir(parents=True)
+    np.savez(tmp_path / "floats.npz", arr_0=np.random.rand(4, 32, 32, 3))
+    np.savez(tmp_path / "labels.npz", arr_0=np.zeros((4, 32, 32, 3), np.uint8), labels=np.array([0, 1, 2, 10]))
+    T, D = [*TOK, "--out", str(tmp_path / "t")], [*DIT, "--out", str(tmp_path / "d"), "--tokenizer", tok]
+    S, npz = ["--ckpt", tok, "--out", str(tmp_path / "s.npz")], str(tmp_path / "s.npz")
+    cases = [  # (script, flags, the one line it must print)
+        (train_tokenizer, [*T, "--steps", "0"], "argument --steps: must be > 0, got 0"),
+        (train_tokenizer, [*T, "--batch_size", "-8"], "argument --batch_size: must be > 0"),
+        (train_tokenizer, [*T, "--ema", "1.5"], "argument --ema: must be >= 0 and <= 1"),
+        (train_tokenizer, [*T, "--img_size", "36"], "--img_size 36 is not a multiple of --patch_size 8"),
+        (train_tokenizer, [*T, "--steps", "4", "--stop_at", "9"], "--stop_at 9 must lie after the current step 0"),
+        (train_tokenizer, [*T, "--out", str(tmp_path / "afile")], "afile is a file; expected a folder"),
+        (train_tokenizer, [*T, "--resume", "--overwrite"], "pass one of them"),
+        (train_tokenizer, [*T, "--decoder_finetune"], "need --init_from"),
+        (train_tokenizer, [*T, "--stats_only", "--resume"], "--stats_only only measures"),
+        (train_tokenizer, [*T, "--init_from", str(junk)], "junk.pt' is not a readable checkpoint"),
+        (train_tokenizer, [*T, "--init_from", str(crafted)], "crafted.pt' was refused: it holds Python objects"),
+        (train_tokenizer, [*T, "--data_path", str(tmp_path / "nowhere")], "data folder .*nowhere' does not exist"),
+        (train_tokenizer, [*T, "--data_path", str(tmp_path / "hole")], "class folder .*hole/a' holds no images"),
+        (train_tokenizer, [*T, "--data_path", str(folder), "--teacher", "shapes"], "--teacher shapes is trained on the embedded shapes"),
+        (train_dit, [*D[:-1], str(tmp_path / "none.pt")], "tokenizer checkpoint .*none.pt' does not exist"),
+        (train_dit, [*D, "--latent_stats", str(pkl)], "asks for posix.system, which no statistics file needs"),
+        (train_dit, [*D, "--latent_stats", str(tmp_path / "floats.npz")], "floats.npz' cannot be used"),
+        (train_dit, [*D, "--decay_start_epoch", "5", "--decay_end_epoch", "1"], "--decay_end_epoch 1.0 lies before"),
+        (sample, [*S, "--cfg", "-1"], "argument --cfg: must be >= 0, got -1"),
+        (sample, [*S, "--cfg_interval", "0.9", "0.1"], "--cfg_interval 0.9 0.1 is reversed"),
+        (sample, [*S, "--labels", "1", "--class_balanced"], "pass one"),
+        (sample, [*S, "--trajectory"], "--trajectory writes a .png grid"),
+        (sample, [*S, "--ag_scale", "2"], "--ag_scale needs --autoguidance_ckpt"),
+        (sample, S, "is not a dit checkpoint: it is tokenizer"),
+        (evaluate, ["gen", "--samples", str(tmp_path / "floats.npz"), "--shapes"], "samples must be uint8 .N, H, W, 3."),
+        (evaluate, ["gen", "--samples", str(tmp_path / "labels.npz"), "--shapes"], "one label per sample in .0, 9."),
+        (evaluate, ["gen", "--samples", npz + "x"], "no .npz and no PNG files"),
+        (evaluate, ["probe", "--ckpt", tok, "--probe_ts", "1.5"], "argument --probe_ts: must be >= 0 and <= 1"),
+        (evaluate, ["stats", "--data_path", str(folder)], "eval.py stats needs --data_path and --out"),
+        (evaluate, ["recon", "--ckpt", str(crafted)], "was refused"),
+    ]
+    for script, flags, expected in cases:
+        with pytest.raises(SystemExit) as e:
+            R.run_cli(script.main, lambda: script.get_args(flags))
+        printed = e.value.code if isinstance(e.value.code, str) else capsys.readouterr().err.strip().splitlines()[-1]
+        assert re.search(expected, printed) and "Traceback" not in printed and "\n" not in printed, (flags, printed)
+    assert not marker.exists()                                             # no crafted file ran its code
+
+
+def official_names(sd, extra=()):
+    """Our state dict under the official key names (the inverse of the converter's renames)."""
+    out = {}
+    for k, v in sd.items():
+        for old, new in R.OFFICIAL_RENAMES:
+            k = old + k[len(new):] if k.startswith(new) else k
+        out[k] = v.clone()
+    return {**out, **dict(extra)}
+
+
+def test_released_format_chain(tmp_path, capsys):
+    """The released files' formats at tiny official widths: RecTok_decft-style tokenizer, DiT^DH and its
+    AutoGuidance model as {"model", "model_ema"}, the official stats.pkl -> sample.py -> eval.py gen."""
+    torch.manual_seed(0)
+    tok = R.RecTok(R.TokenizerConfig(32, 8, 4, (192, 1, 4), (192, 1, 4), (192, 1, 4), 0))
+    sd = {k: v for k, v in tok.state_dict().items() if not k.startswith("latent_")}   # no official file holds them
+    torch.save({"model": official_names(sd), "model_ema": official_names(sd)}, tmp_path / "RecTok_decft.pth")
+    for name, head in (("ditdhxl.pth", (384, 1, 6)), ("ditdhs.pth", (384, 1, 6))):
+        dit = R.DiTDH(R.DiTConfig(4, 4, 10, 1, (192, 1, 4), head))
+        for p in dit.parameters():
+            p.data.add_(0.05 * torch.randn_like(p)) if p.requires_grad else None
+        ropes = {f"{a}_feat_rope.freqs_{c}": getattr(dit, f"rope_{b}")[i] for a, b in (("enc", "backbone"), ("dec", "head"))
+                 for i, c in enumerate(("cos", "sin"))}
+        torch.save({"model": official_names(dit.state_dict(), ropes), "model_ema": official_names(dit.state_dict())}, tmp_path / name)
+    mean, std = torch.randn(8), torch.rand(8) + 0.5                        # 2C moments, as collect_tokenizer_stats keeps them
+    with open(tmp_path / "stats.pkl", "wb") as f:                          # written as the official code writes it
+        pickle.dump({"rectok_official_evaluation": {"single": (mean.mean(), std.mean()), "channel": (mean, std)}}, f)
+    npz = str(tmp_path / "samples.npz")
+    sample.main(sample.get_args(["--ckpt", str(tmp_path / "ditdhxl.pth"), "--tokenizer_ckpt", str(tmp_path / "RecTok_decft.pth"),
+                                 "--latent_stats", str(tmp_path / "stats.pkl"), "--autoguidance_ckpt", str(tmp_path / "ditdhs.pth"),
+                                 "--steps", "3", "--num_images", "20", "--class_balanced", "--out", npz]))
+    assert "AutoGuidance 1.29" in capsys.readouterr().out and np.load(npz)["arr_0"].shape == (20, 32, 32, 3)
+    assert torch.equal(train_dit.read_latent_stats(str(tmp_path / "stats.pkl"), 4)[0], mean[:4])   # the posterior mean's half
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048))
+    res = evaluate.main(evaluate.get_args(["gen", "--samples", npz, "--ref_stats", str(ref), "--inception", "random", "--allow_small"]))
+    assert np.isfinite(res["fid"]) and "FID-20 (torch-fidelity input path" in capsys.readouterr().out
+    # The latent statistics of the released tokenizer on a class-ordered folder reach every class.
+    root = tmp_path / "ordered"
+    for c in range(5):
+        (root / f"n{c:02d}").mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((32, 32, 3), 40 * c + i, np.uint8)).save(root / f"n{c:02d}" / f"{i}.png")
+    run(train_tokenizer, ["--stats_only", "--init_from", str(tmp_path / "RecTok_decft.pth"), "--data_path", str(root),
+                          "--stats_images", "5"], tmp_path / "stats")
+    assert "latent statistics: 5 of 15 images, 5 of 5 classes" in capsys.readouterr().out
+
+
+def test_tf1_resize_and_inception_score_splits():
+    x = torch.tensor([[0.0, 10, 20, 40]])[None, None]                      # (1, 1, 1, 4): one row
+    # 4 -> 3: output j samples input position j * 4/3 (no half-pixel offset): 0, 1.33, 2.67
+    assert torch.allclose(evaluate.tf1_resize(x.expand(1, 1, 3, 4), 3)[0, 0, 0], torch.tensor([0, 10 + 10 / 3, 20 + 20 * 2 / 3]))
+    # 2 -> 3: positions 0, 0.67, 1.33; the last one's upper neighbour is clamped to the last pixel
+    assert torch.allclose(evaluate.tf1_resize(torch.tensor([[[[0.0, 30], [0, 30]]]]), 3)[0, 0, 0], torch.tensor([0.0, 20, 30]))
+    logits = torch.randn(15, 6, generator=torch.Generator().manual_seed(0)).double()
+    p = logits[np.random.RandomState(2020).permutation(15)].softmax(1)
+    cuts = [k * 15 // 10 for k in range(11)]                               # torch-fidelity's splits: 1, 2, 1, 2, ...
+    kl = [(q * (q.log() - q.mean(0).log())).sum(1).mean().exp().item() for q in (p[a:b] for a, b in zip(cuts, cuts[1:]))]
+    assert evaluate.inception_score(logits)[0] == pytest.approx(np.mean(kl), abs=1e-12)
+
+
+@pytest.fixture(scope="module")
+def shapes_teacher(runs):
+    """A small shapes teacher at 32 px, cached where the scripts look for it (the quick preset's default teacher)."""
+    return R.shapes_net(lambda: R.ShapesTeacher(32, 8), lambda net, x: net.head(net(x)), "shapes_teacher_p8", 32, 10, 1200, 4, seed=2)
+
+
+def probe_accuracy(features):
+    """Linear probe on token-averaged features (B, L, D) of 200 training and 200 held-out shapes."""
+    with torch.no_grad():
+        (a, ya), (b, yb) = [(features(torch.stack([d[i][0] for i in range(200)])).mean(1), torch.tensor(d.labels))
+                            for d in (R.Shapes(200, 32, seed=0), R.Shapes(200, 32, seed=1))]
+    return evaluate.linear_probe(a, ya, b, yb, 10)
+
+
+def test_shapes_teacher_and_semantic_distillation(shapes_teacher, runs, tmp_path):
+    teacher, acc = shapes_teacher
+    assert acc > 0.8 and probe_accuracy(teacher) > 0.8                     # its tokens name the class; chance is 10%
+    x = torch.stack([R.Shapes(320, 32, seed=0)[i][0] for i in range(320)])
+    with torch.no_grad():
+        target = teacher(x)
+    accs = []
+    for weight in (0.0, 1.0):                                              # the same run, without and with the FSD term
+        torch.manual_seed(0)
+        tok = R.RecTok(R.TokenizerConfig(32, 8, 4, (64, 2, 2), (32, 1, 2), (16, 1, 1), teacher.dim))  # a tiny semantic decoder
+        opt = torch.optim.AdamW(tok.parameters(), lr=3e-3)
+        for _ in range(100):
+            i = torch.randint(320, (32,))
+            recon, pred, kl = tok(x[i])
+            loss = F.mse_loss(recon, x[i]) / 4 + 1e-6 * kl + weight * R.semantic_loss(pred, target[i])
+            opt.zero_grad(), loss.backward(), opt.step()
+        accs.append(probe_accuracy(lambda img: tok.eval().encode(img)[0]))
+    assert accs[1] > accs[0] + 0.15, accs                                  # measured: 15.5% -> 54%
+    # Without a teacher flag, the quick preset on the embedded shapes distils the shapes teacher.
+    ckpt = run(train_tokenizer, [f for f in TOK if f not in ("--teacher", "random")], tmp_path, "--steps", "2")
+    assert torch.load(ckpt, weights_only=True)["recipe"]["teacher"] == "shapes" and "semantic" in json.loads(open(tmp_path / "log.jsonl").readline())
 
 
 # ----------------------------------------------------------------------------- metrics
