@@ -219,8 +219,8 @@ def metric_name(n, args, what):
 def load_ref(path):
     """Reference statistics: an .npz with mu (2048,) and sigma (2048, 2048), e.g. adm_in256_stats.npz."""
     d = np.load(path)
-    if "mu" not in d or "sigma" not in d or d["sigma"].shape != (len(d["mu"]),) * 2:
-        raise ValueError(f"{path} holds no reference statistics (arrays mu (D,) and sigma (D, D))")
+    if "mu" not in d or "sigma" not in d or d["mu"].shape != (2048,) or d["sigma"].shape != (2048, 2048):
+        raise ValueError(f"{path} holds no Inception reference statistics (mu (2048,), sigma (2048, 2048))")
     return d["mu"], d["sigma"]
 
 
@@ -232,6 +232,8 @@ def uint8_values(img):
 @torch.no_grad()
 def features(model, batches, device):
     out = [[t.cpu() for t in model(x.to(device).float())] for x in batches]
+    if not out:
+        raise ValueError("none of the images could be read")
     return [torch.cat(parts).double() for parts in zip(*out)]
 
 
@@ -255,6 +257,8 @@ def recon(args, device):
         f_rec, logits = net((rec * 255).to(torch.uint8).float())          # uint8 by truncation, as official
         feats_rec.append(f_rec.cpu())
         correct.append(logits.argmax(1).cpu() == label)
+    if not scores:
+        raise ValueError("none of the images could be read")
     scores, n = torch.cat(scores), len(torch.cat(correct))
     fd = frechet_distance(*feature_stats(torch.cat(feats_rec)), *(ref or feature_stats(torch.cat(feats_real))))
     print(f"reconstruction of {n} held-out images ({args.data_path or 'embedded shapes, seed 1'}), EMA weights")
@@ -305,15 +309,16 @@ def load_samples(path, num_classes=None):
 @torch.no_grad()
 def gen(args, device):
     images, labels = load_samples(args.samples, 10 if args.shapes else None)
+    if not (args.shapes or args.ref_stats):
+        raise ValueError("gen needs --ref_stats (adm_in256_stats.npz, the ADM reference batch, or eval.py stats) or --shapes")
+    ref = None if args.shapes else load_ref(args.ref_stats)
     n, size = len(images), images.shape[1]
     net, what = judge(args, size, device)
     name = metric_name(n, args, what)                                      # refuses small FID before the work
-    if what == "FID" and not args.ref_stats:
-        raise ValueError("gen needs --ref_stats (the ADM reference batch VIRTUAL_imagenet256_labeled.npz, or eval.py stats)")
     batches = (torch.from_numpy(images[i: i + args.batch_size]).permute(0, 3, 1, 2).float() for i in range(0, n, args.batch_size))
     feats, logits = features(net, tqdm(batches, desc="features", total=-(-n // args.batch_size)), device)
     if what == "FID":
-        fid, (is_mean, is_std) = frechet_distance(*feature_stats(feats), *load_ref(args.ref_stats)), inception_score(logits)
+        fid, (is_mean, is_std) = frechet_distance(*feature_stats(feats), *ref), inception_score(logits)
         print(f"{name} vs {os.path.basename(args.ref_stats)}: {fid:.3f}   IS: {is_mean:.2f} +- {is_std:.2f}")
         return {"fid": fid, "is": is_mean}
     real = R.Shapes(max(n, 1000), size, seed=1)
@@ -336,6 +341,8 @@ def latents_along_flow(tok, data, args, device, g, what):
             eps = torch.randn(mu.shape, generator=g)
             feats.append(torch.stack([(t * mu + (1 - t) * eps).mean(1) for t in args.probe_ts]))
             labels.append(batch[1])
+    if not feats:
+        raise ValueError(f"{what}: none of the images could be read")
     return torch.cat(feats, 1), torch.cat(labels)
 
 
@@ -349,7 +356,7 @@ def pca_picture(tok, images, ts, path, g):
     cols = [images.cpu() * 0.5 + 0.5]
     for t in ts:
         pc = (t * mu + (1 - t) * torch.randn(mu.shape, generator=g)) @ basis   # (n, L, 3)
-        pc = (pc - pc.amin((0, 1))) / (pc.amax((0, 1)) - pc.amin((0, 1)))
+        pc = (pc - pc.amin((0, 1))) / (pc.amax((0, 1)) - pc.amin((0, 1))).clamp_min(1e-8)
         maps = pc.transpose(1, 2).unflatten(2, (tok.grid, tok.grid))     # (n, 3, h, w)
         cols.append(F.interpolate(maps, size=images.shape[-1], mode="nearest"))
     R.save_grid(torch.stack(cols, 1).flatten(0, 1), path, nrow=len(cols))
@@ -366,6 +373,8 @@ def probe(args, device):
     g = torch.Generator().manual_seed(0)
     (train_x, train_y), (val_x, val_y) = (latents_along_flow(tok, d, args, device, g, w) for d, w in ((train, "probe train"), (val, "probe val")))
     K = len(train.classes)
+    if len(train_y) < 2 or not len(val_y):
+        raise ValueError(f"a probe needs at least 2 training and 1 held-out readable images, got {len(train_y)} and {len(val_y)}")
     with torch.enable_grad():
         accs = {t: linear_probe(train_x[i], train_y, val_x[i], val_y, K) for i, t in enumerate(args.probe_ts)}
     print(f"linear probe, {len(train_y)} train / {len(val_y)} val images, {K} classes (chance {1 / K:.1%}):")

@@ -414,18 +414,16 @@ class ShapesTeacher(Encoder):
         self.head = nn.Linear(self.width, num_classes)                     # training only: the class from each token
 
     @classmethod
-    def cached(cls, img_size, patch, num_classes=10):
-        """Trained once (about a minute on 2 CPU cores; seed 2, its own 3,000 images), then read from the cache."""
+    def cached(cls, img_size, patch, num_classes=10):  # trained once (seed 2, its own 3,000 images), then cached
         return shapes_net(lambda: cls(img_size, patch, num_classes), lambda net, x: net.head(net(x)), f"shapes_teacher_p{patch}",
                           img_size, num_classes, n_images=3000, epochs=6, seed=2)[0]
 
 
 def shapes_net(make, logits, name, size, num_classes, n_images, epochs, seed, batch=50, lr=2e-3):
-    """A small network trained once on n_images embedded shapes of its own seed (cross-entropy on logits(net, x),
-    (B, ..., K)), scored on held-out shapes (seed 1, never trained on), cached in the torch hub folder; later
-    calls read the cache. The caller's random streams are left as they were. -> (frozen net, held-out accuracy)"""
+    """A small network trained once on n_images embedded shapes of its own seed (cross-entropy on logits(net, x)
+    (B, ..., K)), scored on held-out shapes (seed 1) and cached in the torch hub folder. -> (frozen net, accuracy)"""
     path = os.path.join(torch.hub.get_dir(), f"rectok_{name}_{size}px_{num_classes}.pt")
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]):                                # the caller's random streams stay as they were
         torch.manual_seed(seed)
         net = make()
         state = load_state(path, f"the cached {name}") if os.path.isfile(path) else None
@@ -443,8 +441,7 @@ def shapes_net(make, logits, name, size, num_classes, n_images, epochs, seed, ba
             with torch.no_grad():
                 acc = torch.cat([logits(net.eval(), v).view(len(v), -1, num_classes).mean(1).argmax(1) == w
                                  for v, w in torch.utils.data.DataLoader(Shapes(1000, size, num_classes, seed=1), 250)])
-            state = {"model": net.state_dict(), "val_acc": acc.float().mean().item()}
-            save_checkpoint(path, state)
+            state = save_checkpoint(path, {"model": net.state_dict(), "val_acc": acc.float().mean().item()})
     net.load_state_dict(state["model"])
     print(f"{name}: {state['val_acc']:.1%} of held-out shapes named ({path})")
     return net.eval().requires_grad_(False), state["val_acc"]
@@ -456,9 +453,8 @@ def sample_mask_ratio(max_ratio=0.4, min_ratio=-0.1):
 
 
 def random_masking(B, L, n_keep, device=None):
-    """MAE's argsort trick: a random permutation per sample; the first n_keep of it stay visible.
-    Returns ids_keep (B, n_keep), the visible grid positions in the order the encoder sees them, and
-    ids_restore (B, L), which puts [visible..., masked...] back into grid order."""
+    """MAE's argsort trick: a random permutation per sample, whose first n_keep stay visible. -> ids_keep (B, n_keep),
+    the visible grid positions in the encoder's order, and ids_restore (B, L): [visible..., masked...] -> grid."""
     ids_shuffle = torch.rand(B, L, device=device).argsort(dim=1)          # ascending noise: small is keep
     return ids_shuffle[:, :n_keep], ids_shuffle.argsort(dim=1)
 
@@ -816,8 +812,8 @@ def render_shape(label, size, g):
 
 
 class Shapes(torch.utils.data.Dataset):
-    """Embedded class-conditional dataset: n images, deterministic per (seed, index), any resolution, no
-    download. For quick runs and tests; train and held-out sets differ by seed."""
+    """Embedded class-conditional dataset: n images, deterministic per (seed, index), any resolution, no download.
+    For quick runs and tests; train (seed 0) and held-out (seed 1) sets differ by seed."""
 
     def __init__(self, n, size, num_classes=10, seed=0):
         if not 1 <= num_classes <= len(SHAPE_COLOURS):
@@ -845,7 +841,6 @@ DIT_SIZES = {  # (backbone, head), each (width, depth, heads); every official si
     "L": ((1024, 24, 16), (2048, 2, 16)), "XL": ((1152, 28, 16), (2048, 2, 16))}
 
 
-# Field groups share a line: each class reads as a small table.
 @dataclass
 class TokenizerConfig:  # the model's shape; sizes are (width, depth, heads); teacher_dim 0: no semantic decoder
     img_size: int = 256; patch_size: int = 16; latent_dim: int = 128
@@ -909,19 +904,20 @@ def atomic_write(path, write):
         with open(path + ".tmp", "wb") as f:
             write(f), f.flush(), os.fsync(f.fileno())
         return os.replace(path + ".tmp", path) or path
-    except (OSError, RuntimeError) as e:                                   # torch.save reports a full disk as RuntimeError
-        raise OSError(f"could not write {path} ({str(e).splitlines()[0]}); nothing was left behind") from e
+    except (OSError, RuntimeError) as e:                                   # torch.save wraps a full disk in a RuntimeError
+        why = e.__context__ if isinstance(e.__context__, OSError) else e
+        raise OSError(f"could not write {path} ({str(why).splitlines()[0]}); nothing was left behind") from e
     finally:
         if os.path.exists(path + ".tmp"):
             os.remove(path + ".tmp")
 
 
 def save_checkpoint(path, state):
-    """Atomic, and never with non-finite weights."""
+    """Atomic, and never with non-finite weights. -> state"""
     for k, v in [kv for part in ("model", "ema") for kv in state.get(part, {}).items()]:
         if v.is_floating_point() and not v.isfinite().all():
             raise ValueError(f"refusing to write non-finite weights ({k}) to {path}")
-    return atomic_write(path, lambda f: torch.save(state, f))
+    return atomic_write(path, lambda f: torch.save(state, f)) and state
 
 
 def load_state(path, what="checkpoint"):
@@ -1078,10 +1074,9 @@ def ema_update(ema, model, decay):
 
 def gathered_rng_states(world):
     """Every rank's torch RNG states (all randomness of a step), so that each rank resumes its own streams."""
-    state = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-    states = [state] * world
+    states = [{"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}] * world
     if world > 1:
-        dist.all_gather_object(states, state)
+        dist.all_gather_object(states, states[0])
     return states
 
 
@@ -1128,8 +1123,7 @@ def pass_loader(dataset, batch_size, workers=0, n=None, rank=0, world=1, what="i
     """One pass (statistics, cache, evaluation) over this rank's share of a spread subset; no global RNG draws."""
     idx = spread_subset(dataset.labels, n)
     if rank == 0:
-        print(f"{what}: {len(idx)} of {len(dataset)} images, {len(set(np.asarray(dataset.labels)[idx.numpy()]))} "
-              f"of {len(set(dataset.labels))} classes")
+        print(f"{what}: {len(idx)} of {len(dataset)} images, {len(set(np.asarray(dataset.labels)[idx.numpy()]))} of {len(set(dataset.labels))} classes")
     return torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, idx[rank::world].tolist()), batch_size,
                                        num_workers=workers, collate_fn=collate, generator=torch.Generator())
 
@@ -1239,8 +1233,7 @@ def start_run(args, kind, rank=0):
         for name in os.listdir(args.out) if args.overwrite else []:
             if name in ("ckpt.pt", "log.jsonl") or name.startswith(("recon_", "samples_")) and name.endswith(".png"):
                 os.remove(os.path.join(args.out, name))
-        if args.resume and resume is None:
-            print(f"--resume: no {ckpt_path} yet, starting a new run")
+        print(f"--resume: no {ckpt_path} yet, starting a new run") if args.resume and resume is None else None
         if os.path.exists(log_path):                                       # drop the steps logged after the checkpoint
             with open(log_path) as f:
                 lines = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= (resume or {}).get("step", 0)]

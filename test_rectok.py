@@ -107,6 +107,9 @@ def test_unpatchify_and_shapes():
     tok = tiny_tokenizer()
     recon, sem, kl = tok(torch.randn(2, 3, 32, 32), mask_ratio=0.4)
     assert recon.shape == (2, 3, 32, 32) and sem.shape == (2, 16, 24) and kl.ndim == 0
+    with warnings.catch_warnings(), torch.autocast("cpu", dtype=torch.bfloat16):   # RMSNorm on its fused fp32 path:
+        warnings.simplefilter("error")                                     # no "Mismatch dtype" fallback warning
+        assert R.RMSNorm(8)(torch.randn(2, 8).bfloat16()).dtype == torch.float32
 
 
 def test_masking_restores_grid():

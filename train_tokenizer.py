@@ -186,6 +186,8 @@ def main(args):
         raise ValueError("--decoder_finetune and --stats_only need --init_from TOKENIZER_CKPT")
 
     # The recipe: the preset, then the stage-2 settings, then explicit flags. A resumed run keeps its own model.
+    if resume and "opt" not in resume:
+        raise ValueError(f"{ckpt_path} holds latent statistics, not a training run (--stats_only made it): use it as --init_from")
     stage2 = args.decoder_finetune or bool(resume and resume["stage"] == 2)
     recipe = R.TokenizerRecipe(**resume["recipe"]) if resume else R.PRESETS[args.preset]["tokenizer"]
     if resume and any(getattr(args, k) not in (None, resume["recipe"][k]) for k in MODEL_FLAGS):
