@@ -514,6 +514,16 @@ def test_bad_input_one_line_each(runs, tmp_path, capsys):
             R.run_cli(script.main, lambda: script.get_args(flags))
         printed = e.value.code if isinstance(e.value.code, str) else capsys.readouterr().err.strip().splitlines()[-1]
         assert re.search(expected, printed) and "Traceback" not in printed and "\n" not in printed, (flags, printed)
+    hub, name = tmp_path / "hub", os.path.basename(evaluate.FIDInception.URL)   # a crafted file in the hub cache
+    (hub / "checkpoints").mkdir(parents=True)
+    (hub / "checkpoints" / name).write_bytes(crafted.read_bytes())
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(hub))
+    try:
+        with pytest.raises(ValueError, match=f"cached weight file .*{name}' was refused"):
+            R.load_weights(None, evaluate.FIDInception.URL, name, "--inception")
+    finally:
+        torch.hub.set_dir(old)
     assert not marker.exists()                                             # no crafted file ran its code
 
 
