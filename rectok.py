@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from tqdm import tqdm
 
 # Tensor letters used in shape comments: B batch, L tokens (h*w grid), Lv visible tokens, D width,
 # H heads, Dh head width, C latent channels, Dt teacher width, p patch size.
@@ -428,7 +429,6 @@ def shapes_net(make, logits, name, size, num_classes, n_images, epochs, seed, ba
         net = make()
         state = load_state(path, f"the cached {name}") if os.path.isfile(path) else None
         if state is None:                                                  # (also when called under no_grad)
-            from tqdm import tqdm
             torch.set_grad_enabled(True)
             data = Shapes(n_images, size, num_classes, seed=seed)
             x, y = torch.stack([data[i][0] for i in range(n_images)]), torch.tensor(data.labels)  # rendered once
@@ -1245,5 +1245,6 @@ def run_cli(main, get_args):
     """Run a script; an expected failure (files, permissions, disk, bad data) ends in one line, not a traceback."""
     try:
         main(get_args())
-    except (OSError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    except (OSError, ValueError, SystemExit) as e:
+        [bar.close() for bar in list(getattr(tqdm, "_instances", ()))]     # the message goes on its own line
+        sys.exit(e.code if isinstance(e, SystemExit) else f"error: {e}")
