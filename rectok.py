@@ -16,13 +16,17 @@ MAE, minRF and SiT. Where it departs from the official code it says so; README.m
 Tests: python -m pytest -q test_rectok.py
 """
 import argparse
+import fcntl
+import gzip
+import hashlib
 import json
 import math
 import os
 import pickle
+import signal
 import sys
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
@@ -258,6 +262,7 @@ class RecTok(nn.Module):
         self.sem_decoder = SemanticDecoder(cfg.sem_decoder, self.grid, C, cfg.teacher_dim) if cfg.teacher_dim else None
         self.register_buffer("latent_mean", torch.zeros(C))
         self.register_buffer("latent_std", torch.ones(C))
+        self.latent_norm = None                                            # which std: "means" or "samples" (README)
         self.shift = flow_shift(self.grid, C)
         self.initialize_weights()
 
@@ -402,12 +407,12 @@ class Teacher(nn.Module):
         return feats[:, self.model.num_prefix_tokens:]
 
 
-class ShapesTeacher(Encoder):
-    """The semantic teacher of the embedded shapes (`--teacher shapes`), standing in for DINOv3 where no VFM
-    applies and none can be downloaded: a tiny ViT on the tokenizer's patch grid (the encoder's body, no latent
-    head), trained once to name the image's class from EVERY patch token, then frozen. Like a VFM's patch tokens,
-    its features (after the final norm) say what the image shows, so FSD and RAD have semantics to distil. It is
-    not eval.py's judge: another architecture, its own seed and training images, never the held-out set."""
+class ClassTeacher(Encoder):
+    """The semantic teacher of the small labelled datasets (`--teacher shapes`, `--teacher idx`), standing in for
+    DINOv3 where no VFM applies and none can be downloaded: a tiny ViT on the tokenizer's patch grid (the encoder's
+    body, no latent head), trained once to name the image's class from EVERY patch token, then frozen. Like a VFM's
+    patch tokens, its features (after the final norm) say what the image shows, so FSD and RAD have semantics to
+    distil. It never sees a held-out image, and it is not eval.py's judge: another architecture, seed and images."""
 
     def __init__(self, img_size, patch, num_classes=10, size=(64, 2, 2)):
         super().__init__(size, img_size // patch, patch, 1)
@@ -415,36 +420,76 @@ class ShapesTeacher(Encoder):
         self.head = nn.Linear(self.width, num_classes)                     # training only: the class from each token
 
     @classmethod
-    def cached(cls, img_size, patch, num_classes=10):  # trained once (seed 2, its own 3,000 images), then cached
-        return shapes_net(lambda: cls(img_size, patch, num_classes), lambda net, x: net.head(net(x)), f"shapes_teacher_p{patch}",
-                          img_size, num_classes, n_images=3000, epochs=6, seed=2)[0]
+    def cached(cls, img_size, patch, num_classes=10, idx_folder=None):
+        """Trained once (seed 2): on 3,000 embedded shapes of its own, or on the first half of the MNIST-format
+        train split in idx_folder (eval.py's judge trains on the second half)."""
+        if idx_folder is None:
+            key = f"shapes_teacher_p{patch}_{img_size}px_{num_classes}"
+            held, epochs = Shapes(1000, img_size, num_classes, seed=1), 6
+            train = lambda: shapes_batches(3000, img_size, num_classes, seed=2)   # noqa: E731
+        else:
+            data, held, epochs = IdxImages(idx_folder, "train", img_size), IdxImages(idx_folder, "t10k", img_size), 2
+            num_classes, key = len(data.classes), f"idx_teacher_p{patch}_{img_size}px_{data.identity()['files']}"
+            train = lambda: data.half(0)                                   # noqa: E731
+        net, _ = trained_classifier(lambda: cls(img_size, patch, num_classes), lambda net, x: net.head(net(x)), key,
+                                    train, held, seed=2, epochs=epochs)
+        return net
 
 
-def shapes_net(make, logits, name, size, num_classes, n_images, epochs, seed, batch=50, lr=2e-3):
-    """A small network trained once on n_images embedded shapes of its own seed (cross-entropy on logits(net, x)
-    (B, ..., K)), scored on held-out shapes (seed 1) and cached in the torch hub folder. -> (frozen net, accuracy)"""
-    path = os.path.join(torch.hub.get_dir(), f"rectok_{name}_{size}px_{num_classes}.pt")
+def shapes_batches(n, size, num_classes, seed):
+    """n embedded shapes rendered once -> (images(idx) -> (B, 3, S, S), labels (n,))."""
+    data = Shapes(n, size, num_classes, seed=seed)
+    x = torch.stack([data[i][0] for i in range(n)])
+    return (lambda idx: x[idx]), torch.tensor(data.labels)
+
+
+def trained_classifier(make, logits, key, train, held, seed, epochs, batch=50, lr=2e-3):
+    """A small network trained once and cached in the torch hub folder as rectok_{key}.pt: cross-entropy on
+    logits(net, x), (B, K) or one class per token (B, L, K). train() -> (images(idx) -> (B, 3, S, S) in [-1, 1],
+    labels (N,)); held: the labelled Dataset that scores it. Under torchrun rank 0 trains and writes it, the others
+    wait and read it. -> (frozen net, held-out accuracy)"""
+    path = os.path.join(torch.hub.get_dir(), f"rectok_{key}.pt")
     with torch.random.fork_rng(devices=[]):                                # the caller's random streams stay as they were
         torch.manual_seed(seed)
         net = make()
-        state = load_state(path, f"the cached {name}") if os.path.isfile(path) else None
-        if state is None:                                                  # (also when called under no_grad)
-            torch.set_grad_enabled(True)
-            data = Shapes(n_images, size, num_classes, seed=seed)
-            x, y = torch.stack([data[i][0] for i in range(n_images)]), torch.tensor(data.labels)  # rendered once
-            opt = torch.optim.AdamW(net.parameters(), lr=lr)
-            for _ in tqdm(range(epochs), desc=f"training the {name} (once)"):
-                for idx in torch.randperm(n_images).split(batch):
-                    out = logits(net, x[idx])                              # (B, K) or (B, L, K): every token
-                    loss = F.cross_entropy(out.flatten(0, -2), y[idx].repeat_interleave(out[0].numel() // num_classes))
-                    opt.zero_grad(set_to_none=True), loss.backward(), opt.step()
-            with torch.no_grad():
-                acc = torch.cat([logits(net.eval(), v).view(len(v), -1, num_classes).mean(1).argmax(1) == w
-                                 for v, w in torch.utils.data.DataLoader(Shapes(1000, size, num_classes, seed=1), 250)])
-            state = save_checkpoint(path, {"model": net.state_dict(), "val_acc": acc.float().mean().item()})
-    net.load_state_dict(state["model"])
-    print(f"{name}: {state['val_acc']:.1%} of held-out shapes named ({path})")
+        if not os.path.isfile(path) and not (dist.is_initialized() and dist.get_rank()):
+            writable(torch.hub.get_dir(), folder=True)                     # before the work, not after it
+            with lock_file(path + ".lock", f"the cached {key}", wait=True):   # one process trains it, others wait
+                if not os.path.isfile(path):
+                    images, labels = train()
+                    with torch.enable_grad():
+                        fit_classifier(net, logits, images, labels, epochs, batch, lr, key)
+                    save_checkpoint(path, {"model": net.state_dict(), "val_acc": classifier_accuracy(net, logits, held)})
+    if dist.is_initialized():
+        dist.barrier()
+    state = load_state(path, f"the cached {key}")
+    try:
+        net.load_state_dict(state["model"])
+    except (RuntimeError, KeyError, TypeError) as e:
+        raise ValueError(f"the cached {key} at {path} does not fit this network: delete it to train it again") from e
+    print(f"{key}: {state['val_acc']:.1%} of {len(held)} held-out images named ({path})")
     return net.eval().requires_grad_(False), state["val_acc"]
+
+
+def fit_classifier(net, logits, images, labels, epochs, batch, lr, what):
+    opt = torch.optim.AdamW(net.parameters(), lr=lr)
+    for _ in tqdm(range(epochs), desc=f"training the {what} (once)"):
+        for idx in torch.randperm(len(labels)).split(batch):
+            out = logits(net, images(idx))                                 # (B, K) or (B, L, K)
+            target = labels[idx].repeat_interleave(out[0].numel() // out.shape[-1])
+            loss = F.cross_entropy(out.flatten(0, -2), target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+
+@torch.no_grad()
+def classifier_accuracy(net, logits, held):
+    hits = []
+    for x, y in torch.utils.data.DataLoader(held, 250):
+        out = logits(net.eval(), x)
+        hits.append(out.view(len(x), -1, out.shape[-1]).mean(1).argmax(1) == y)
+    return torch.cat(hits).float().mean().item()
 
 
 def sample_mask_ratio(max_ratio=0.4, min_ratio=-0.1):
@@ -729,9 +774,48 @@ def to_rgb(im):
 
 
 def listdir(path, folders):
-    """Sub-folders, or image files, of a folder; hidden ones (.ipynb_checkpoints, ...) are skipped."""
-    return sorted(n for n in os.listdir(path) if not n.startswith(".") and (os.path.isdir(os.path.join(path, n)) if folders
-                  else n.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(path, n))))
+    """Sub-folders, or image files, of a folder; hidden ones (.ipynb_checkpoints, ...) are skipped. A dangling
+    symlink counts as an image file, so that it is reported as unreadable like any other, not silently dropped."""
+    names = sorted(n for n in os.listdir(path) if not n.startswith("."))
+    if folders:
+        return [n for n in names if os.path.isdir(os.path.join(path, n))]
+    return [n for n in names if n.lower().endswith(IMAGE_EXTENSIONS) and not os.path.isdir(os.path.join(path, n))]
+
+
+def select_classes(found, classes, where):
+    """The classes to use, in label order: all (None), the first N (an int) or the named ones (a list)."""
+    if classes is None:
+        return found
+    if isinstance(classes, int):
+        if classes > len(found):
+            raise ValueError(f"asked for {classes} classes but {where} has {len(found)}")
+        return found[:classes]
+    missing = [c for c in classes if c not in found]
+    if missing:
+        raise ValueError(f"classes not found in {where}: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    return list(classes)
+
+
+def read_class_list(path):
+    """--class_list: one class name per line; an empty list or a name given twice is an error."""
+    with open(path) as f:
+        names = f.read().split()
+    if not names:
+        raise ValueError(f"--class_list {path} names no class")
+    twice = [n for n in dict.fromkeys(names) if names.count(n) > 1]
+    if twice:
+        raise ValueError(f"--class_list {path} names {twice[0]!r} twice: its images would get two labels")
+    return names
+
+
+def file_identity(paths, root):
+    """sha1 of the files' names (relative to root), sizes and modification times: changes when a file is added,
+    removed, renamed or rewritten."""
+    h = hashlib.sha1()
+    for p in paths:
+        st = os.lstat(p) if os.path.islink(p) and not os.path.exists(p) else os.stat(p)
+        h.update(f"{os.path.relpath(p, root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
 
 
 class ImageFolderSubset(torch.utils.data.Dataset):
@@ -740,25 +824,31 @@ class ImageFolderSubset(torch.utils.data.Dataset):
     mode becomes 8-bit RGB. An unreadable image (corrupt, truncated, too large) gives None with a warning, and
     the loaders (`collate`) drop it together with its label."""
 
-    def __init__(self, root, size, classes=None, per_class=None):
+    def __init__(self, root, size, classes=None, per_class=None, n=None):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"data folder {root!r} does not exist")
-        found = listdir(root, folders=True) or (["."] if listdir(root, folders=False) else [])  # flat: one class
+        folders, files = listdir(root, folders=True), listdir(root, folders=False)
+        if folders and files:
+            raise ValueError(f"{root!r} holds {len(files)} images beside {len(folders)} class folders: move them into a "
+                             "class folder, or point --data_path at a folder that holds only images (one class)")
+        found = folders or (["."] if files else [])                        # a flat folder: one class
         if not found:
             raise ValueError(f"{root!r} holds no images and no class sub-folders (expected {root}/CLASS/IMAGE.JPEG)")
-        if isinstance(classes, int) and classes > len(found):
-            raise ValueError(f"asked for {classes} classes but {root!r} has {len(found)}")
-        missing = sorted(set(classes) - set(found)) if isinstance(classes, list) else []
-        if missing:
-            raise ValueError(f"class folders not found in {root!r}: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-        found = found[:classes] if isinstance(classes, int) else list(classes or found)
-        self.classes, self.size, self.unreadable, self.samples = found, size, set(), []
-        for label, name in enumerate(found):
+        self.root, self.classes, self.size = root, select_classes(found, classes, repr(root)), size
+        self.unreadable, self.samples = set(), []
+        for label, name in enumerate(self.classes):
             files = listdir(os.path.join(root, name), folders=False)[:per_class]
             if not files:                                                  # as torchvision's ImageFolder: no silent label shift
-                raise ValueError(f"class folder {os.path.join(root, name)!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+                raise ValueError(f"class folder {os.path.join(root, name)!r} holds no images "
+                                 f"({', '.join(IMAGE_EXTENSIONS)})")
             self.samples += [(os.path.join(root, name, f), label) for f in files]
+        self.samples = [self.samples[i] for i in spread_subset([y for _, y in self.samples], n).tolist()]
         self.labels = [label for _, label in self.samples]
+
+    def identity(self):
+        """What a checkpoint or a latent cache records of its data (plain types)."""
+        return {"kind": "folder", "root": os.path.abspath(self.root), "size": self.size, "n": len(self),
+                "classes": self.classes, "files": file_identity([p for p, _ in self.samples], self.root)}
 
     def __len__(self):
         return len(self.samples)
@@ -773,6 +863,96 @@ class ImageFolderSubset(torch.utils.data.Dataset):
                 self.unreadable.add(path)
                 warnings.warn(f"skipping unreadable image {path} ({type(e).__name__}: {e})")
             return None
+
+
+DATA_FIELDS = {"kind": "the kind of data", "root": "the folder", "split": "the split", "seed": "the shapes' seed",
+               "n": "the number of images", "size": "the image size", "classes": "the classes",
+               "files": "the files' names, sizes or times"}
+
+
+def data_changes(old, new):
+    """What differs between two datasets' identity() records, in words; [] if nothing."""
+    changed = []
+    for key, what in DATA_FIELDS.items():
+        a, b = old.get(key), new.get(key)
+        if a != b:
+            changed.append(what if key in ("classes", "files") else f"{what} {a} -> {b}")
+    return changed
+
+
+# --- MNIST-format idx files (Fashion-MNIST, MNIST, KMNIST): grey 28x28 images and their labels, four files.
+IDX_NAMES = [f"{split}-{kind}" for split in ("train", "t10k") for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")]
+
+
+def idx_path(folder, name):
+    """folder/name or folder/name.gz, the uncompressed one first; None if neither exists."""
+    return next((p for p in (os.path.join(folder, name), os.path.join(folder, name + ".gz")) if os.path.isfile(p)), None)
+
+
+def idx_folder(path):
+    """path, or its raw/ sub-folder (torchvision's layout), if it holds MNIST-format idx files; else None."""
+    for folder in (path, os.path.join(path, "raw")):
+        found = [n for n in IDX_NAMES if idx_path(folder, n)]
+        if found and len(found) < len(IDX_NAMES):
+            missing = next(n for n in IDX_NAMES if n not in found)
+            raise ValueError(f"{folder} holds MNIST-format files but not {missing} (or {missing}.gz)")
+        if found:
+            return folder
+    return None
+
+
+def read_idx(path, ndim):
+    """One MNIST-format idx file, raw or gzipped -> (uint8 array, sha1 of its bytes). The format: the magic number
+    0x0000 0x08 (unsigned bytes) ndim, ndim big-endian int32 sizes, then the data."""
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:                                       # a cut .gz ends in EOFError
+        raise ValueError(f"{path} cannot be read: {e} (a truncated or corrupt file?)") from e
+    head = 4 + 4 * ndim
+    if len(raw) < head or raw[:4] != bytes([0, 0, 8, ndim]):
+        raise ValueError(f"{path} is not an MNIST-format idx file of {ndim}-d data: magic number "
+                         f"{raw[:4].hex() or 'missing'}, expected 0000080{ndim}")
+    dims = [int(d) for d in np.frombuffer(raw[4:head], ">i4")]
+    if len(raw) - head != math.prod(dims):
+        raise ValueError(f"{path} is truncated or too long: {len(raw) - head} bytes of data, its header says "
+                         f"{' x '.join(map(str, dims))} = {math.prod(dims)}")
+    return np.frombuffer(raw, np.uint8, offset=head).reshape(dims), hashlib.sha1(raw).hexdigest()
+
+
+class IdxImages(torch.utils.data.Dataset):
+    """One split ('train' or 't10k') of MNIST-format data -> (image (3, S, S) in [-1, 1], label). Each grey image
+    goes through the ADM centre crop like any image (for a square 28 px image: one bicubic resize to S), and its
+    grey level is repeated over the three channels. Classes are named by their label, '0' ... '9'; classes and
+    per_class select as in ImageFolderSubset."""
+
+    def __init__(self, folder, split, size, classes=None, per_class=None, n=None):
+        paths = [idx_path(folder, f"{split}-{kind}") for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")]
+        (images, h_images), (labels, h_labels) = read_idx(paths[0], 3), read_idx(paths[1], 1)
+        if len(images) != len(labels):
+            raise ValueError(f"{paths[0]} holds {len(images)} images but {paths[1]} {len(labels)} labels")
+        self.folder, self.split, self.size, self.files = folder, split, size, h_images[:8] + h_labels[:8]
+        self.classes = select_classes([str(k) for k in range(int(labels.max()) + 1)], classes, folder)
+        keep = np.sort(np.concatenate([np.flatnonzero(labels == int(c))[:per_class] for c in self.classes]))
+        keep = keep[spread_subset(labels[keep].astype(np.int64), n).numpy()]
+        label_of = {int(c): k for k, c in enumerate(self.classes)}
+        self.images, self.labels = images[keep], [label_of[int(y)] for y in labels[keep]]
+
+    def identity(self):
+        return {"kind": "idx", "root": os.path.abspath(self.folder), "split": self.split, "size": self.size,
+                "n": len(self), "classes": self.classes, "files": self.files}
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        grey = center_crop_arr(Image.fromarray(self.images[i]), self.size)   # (S, S) uint8
+        return to_tensor(np.repeat(grey[..., None], 3, axis=2)), self.labels[i]
+
+    def half(self, k):
+        """The first (k = 0) or second (k = 1) half of the split -> (images(idx) -> (B, 3, S, S), labels)."""
+        n = len(self) // 2
+        return (lambda idx: torch.stack([self[i + k * n][0] for i in idx.tolist()])), torch.tensor(self.labels[k * n:][:n])
 
 
 def collate(batch):
@@ -822,6 +1002,9 @@ class Shapes(torch.utils.data.Dataset):
         self.classes = [f"{SHAPE_KINDS[k % 5]}-{k}" for k in range(num_classes)]
         self.labels = [i % num_classes for i in range(n)]
 
+    def identity(self):
+        return {"kind": "shapes", "seed": self.seed, "size": self.size, "n": self.n, "classes": self.classes}
+
     def __len__(self):
         return self.n
 
@@ -837,7 +1020,7 @@ class Shapes(torch.utils.data.Dataset):
 VIT_SIZES = {  # (width, depth, heads): the official SIZE_DICT, plus the CPU-sized micro of the quick preset
     "micro": (96, 2, 3), "tiny": (192, 3, 4), "small": (512, 8, 8), "base": (768, 12, 12), "large": (1024, 24, 16)}
 DIT_SIZES = {  # (backbone, head), each (width, depth, heads); every official size has the head (2048, 2, 16)
-    "quick": ((192, 6, 3), (256, 1, 4)), "S": ((384, 12, 6), (2048, 2, 16)), "B": ((768, 12, 12), (2048, 2, 16)),
+    "micro": ((128, 4, 2), (192, 1, 3)), "quick": ((192, 6, 3), (256, 1, 4)), "S": ((384, 12, 6), (2048, 2, 16)), "B": ((768, 12, 12), (2048, 2, 16)),
     "L": ((1024, 24, 16), (2048, 2, 16)), "XL": ((1152, 28, 16), (2048, 2, 16))}
 
 
@@ -866,6 +1049,8 @@ class TokenizerRecipe:
     perceptual_weight: float = 1.0; convnext: bool = True; kl_weight: float = 1e-6; sem_weight: float = 1.0
     gan_weight: float = 0.1; gan_start_epoch: float = 100          # 0.1: the official effective value (paper: 0.5)
     ft_epochs: float = 100; ft_blr: float = 5e-5; ft_warmup_epochs: float = 5
+    latent_norm: str = "means"     # the DiT's latents / std of posterior means (official) or of posterior samples
+    train_images: int = None       # train on this many images spread over the classes (None: all; shapes: 4,000)
 
 
 @dataclass
@@ -875,6 +1060,7 @@ class DiTRecipe:
     model: str = "XL"; patch_size: int = 1; flip: bool = True; batch_size: int = 1024; epochs: float = 800
     lr: float = 2e-4; min_lr: float = 2e-5; decay_start_epoch: float = 40; decay_end_epoch: float = 800
     grad_clip: float = 1.0; ema: float = 0.9995; label_drop: float = 0.1; sample_steps: int = 49
+    train_images: int = None       # train on this many images spread over the classes (None: all; shapes: 4,000)
 
 
 PRESETS = {
@@ -885,9 +1071,10 @@ PRESETS = {
                   img_size=64, patch_size=8, latent_dim=16, encoder="micro", decoder="micro",
                   sem_decoder="micro", teacher="shapes", flip=False, batch_size=32, epochs=16, blr=8e-3,
                   warmup_epochs=0.5, ema=0.995, perceptual_weight=0.0, convnext=False, gan_weight=0.0,
-                  ft_epochs=8, ft_blr=4e-3, ft_warmup_epochs=0.2),
+                  ft_epochs=8, ft_blr=4e-3, ft_warmup_epochs=0.2, train_images=4000),
               "dit": DiTRecipe(model="quick", patch_size=2, batch_size=64, epochs=24, lr=2e-3, min_lr=2e-4,
-                               decay_start_epoch=8, decay_end_epoch=24, ema=0.995, sample_steps=24)},
+                               decay_start_epoch=8, decay_end_epoch=24, ema=0.995, sample_steps=24,
+                               train_images=4000)},
     # One GPU, an ImageNet subset at 256 px: the paper's architecture at a batch one GPU holds.
     "subset": {"tokenizer": TokenizerRecipe(batch_size=64, epochs=50, warmup_epochs=5, gan_start_epoch=25,
                                             ft_epochs=10, ft_warmup_epochs=1),
@@ -898,18 +1085,54 @@ PRESETS = {
 
 
 def atomic_write(path, write):
-    """write(f) fills path through a temporary file and a rename: a kill or a full disk never leaves a partial file."""
+    """write(f) fills path through a temporary file of this process and a rename: a kill or a full disk never leaves
+    a partial file, and two writers never share a temporary file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with open(path + ".tmp", "wb") as f:
-            write(f), f.flush(), os.fsync(f.fileno())
-        return os.replace(path + ".tmp", path) or path
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return path
     except (OSError, RuntimeError) as e:                                   # torch.save wraps a full disk in a RuntimeError
         why = e.__context__ if isinstance(e.__context__, OSError) else e
         raise OSError(f"could not write {path} ({str(why).splitlines()[0]}); nothing was left behind") from e
     finally:
-        if os.path.exists(path + ".tmp"):
-            os.remove(path + ".tmp")
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def lock_file(path, what, wait=False):
+    """An open file that holds an exclusive lock on path (flock), released when it is closed or its process ends, so
+    a crash leaves no stale lock. If another process holds it: wait for it, or stop at once with one line."""
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        if not wait:
+            f.close()
+            raise ValueError(f"{what} is in use by another process (pid {holder}): let it finish, or choose another") from None
+        print(f"waiting for process {holder}, which holds {what} ...", flush=True)
+        fcntl.flock(f, fcntl.LOCK_EX)
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
+@contextmanager
+def run_lock(folder, rank=0):
+    """One process per run folder: rank 0 holds OUT/.lock for the whole run, and a second run there stops at once."""
+    if rank:
+        yield
+        return
+    writable(folder, folder=True)
+    with lock_file(os.path.join(folder, ".lock"), f"run folder {folder}"):
+        yield
 
 
 def save_checkpoint(path, state):
@@ -953,9 +1176,18 @@ def load_model(path, kind, ema=True):
             return convert_official_tokenizer(state) if kind == "tokenizer" else convert_official_dit(state)
         model = RecTok(TokenizerConfig(**ckpt["config"])) if kind == "tokenizer" else DiTDH(DiTConfig(**ckpt["config"]))
         model.load_state_dict(ckpt["ema" if ema else "model"])
-        return model
     except (RuntimeError, KeyError, TypeError, IndexError, AttributeError) as e:
         raise ValueError(f"{path!r}: the weights do not fit a {kind} ({' '.join(str(e).split())[:200]})") from e
+    if kind == "tokenizer":
+        model.latent_norm = (ckpt.get("latent_stats") or {}).get("norm")
+        check_latent_stats(model.latent_mean, model.latent_std, path)
+    return model
+
+
+def check_latent_stats(mean, std, path):
+    if not (mean.isfinite().all() and std.isfinite().all() and (std > 0).all()):
+        raise ValueError(f"{path}: its latent statistics are unusable (a NaN, infinite or non-positive std or mean); "
+                         "measure them again with train_tokenizer.py --stats_only")
 
 
 # --- Released checkpoints. Official state dicts map onto these modules with a few renames; sizes are read
@@ -1050,6 +1282,15 @@ def setup_distributed():
     return rank, world, device
 
 
+def broadcast_object(obj, world):
+    """Rank 0's obj on every rank."""
+    if world > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, 0)
+        obj = box[0]
+    return obj
+
+
 def broadcast(module, world):
     """Rank 0's weights on every rank (before the EMA copy is made, so that every rank's EMA is the same)."""
     for t in module.state_dict().values() if world > 1 else []:
@@ -1086,14 +1327,79 @@ def set_rng_state(state):
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def check_finite(step, saved, world, **values):
-    """Stop before the optimiser step if a loss term or gradient norm is not finite; saved: the last (path, step)."""
-    bad = torch.stack([~v.detach().isfinite() for v in values.values()]).any().float()
+class Progress:
+    """Where a training run stands, for the lines that end it: steps done, the last checkpoint, a stop signal."""
+
+    def __init__(self, ckpt_path, step=0, resumed=False):
+        self.ckpt_path, self.step = ckpt_path, step
+        self.saved = step if resumed else None                             # the step of the last checkpoint written
+        self.signal = None                                                 # SIGTERM or SIGUSR1, once one arrives
+
+    def last_checkpoint(self):
+        if self.saved is None:
+            return "no checkpoint was written yet"
+        return f"the last checkpoint is {self.ckpt_path} (step {self.saved})"
+
+
+@contextmanager
+def stop_guard(progress, rank=0):
+    """SIGTERM and SIGUSR1, which clusters send before they preempt a job, set progress.signal: the loop saves a
+    checkpoint at the next step and stops. Ctrl-C ends in one line with the step reached and the last checkpoint."""
+    def ask(signum, frame):
+        progress.signal = signal.Signals(signum).name
+    previous = {s: signal.signal(s, ask) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise SystemExit(f"interrupted at step {progress.step}; {progress.last_checkpoint()}" if rank == 0 else 1) from None
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+@contextmanager
+def memory_guard(batch, img_size):
+    """Running out of memory, on the CPU or a GPU, ends in one line that names the sizes to lower."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as e:                               # torch.OutOfMemoryError is a RuntimeError
+        if not isinstance(e, (torch.OutOfMemoryError, MemoryError)) and "can't allocate memory" not in str(e):
+            raise
+        raise ValueError(f"out of memory with batches of {batch} images of {img_size} px per process: lower "
+                         "--batch_size, or --img_size") from None
+
+
+def any_rank(flag, world):
+    """True on every rank if it is True on any."""
     if world > 1:
-        dist.all_reduce(bad)
-    if bad.item():
-        sys.exit(f"non-finite loss or gradient at step {step + 1} ({', '.join(f'{k}={v.item():.4g}' for k, v in values.items())}); "
-                 f"stopped before the optimiser step: {f'the last good checkpoint is {saved[0]} (step {saved[1]})' if saved else 'no checkpoint was written yet'}.")
+        flag = torch.tensor(float(flag), device=torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
+        dist.all_reduce(flag)
+    return bool(flag)
+
+
+def check_finite(progress, world, rank=0, **values):
+    """Stop before the optimiser step if a loss term or gradient norm is not finite on any rank. The line names the
+    rank that saw it, with that rank's values, and the last good checkpoint."""
+    vec = torch.stack([v.detach().float() for v in values.values()])
+    every = [vec]
+    if world > 1:
+        every = [torch.empty_like(vec) for _ in range(world)]
+        dist.all_gather(every, vec)
+    bad = [r for r, v in enumerate(every) if not v.isfinite().all()]
+    if bad:
+        where = f" on rank {bad[0]}" if world > 1 else ""
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in zip(values, every[bad[0]].tolist()))
+        raise SystemExit(f"non-finite loss or gradient at step {progress.step + 1}{where} ({shown}); stopped before "
+                         f"the optimiser step: {progress.last_checkpoint()}." if rank == 0 else 1)
+
+
+def global_mean(terms, world):
+    """Scalar tensors -> floats averaged over the ranks: the values of the global batch, on any number of processes."""
+    vec = torch.stack([v.detach().float() for v in terms.values()])
+    if world > 1:
+        dist.all_reduce(vec)
+        vec /= world
+    return dict(zip(terms, vec.tolist()))
 
 
 def epoch_loader(dataset, batch_size, epoch, seed, skip_batches=0, rank=0, world=1, workers=0):
@@ -1176,13 +1482,15 @@ def add_common_args(parser):
     g.add_argument("--num_classes", type=POS_INT, help="use the first N class folders (sorted)")
     g.add_argument("--class_list", help="file with one class folder name per line")
     g.add_argument("--images_per_class", type=POS_INT, help="keep at most N images per class")
-    g.add_argument("--shapes_n", type=POS_INT, default=4000, help="size of the embedded shapes training set")
+    g.add_argument("--train_images", type=POS_INT, help="train on N images spread over the classes (the embedded "
+                   "shapes: render N); default: the preset's (quick: 4,000), else all")
     g.add_argument("--workers", type=NONNEG_INT, default=0, help="DataLoader worker processes (every data pass)")
     g = parser.add_argument_group("run")
     g.add_argument("--preset", default="quick", choices=list(PRESETS))
     g.add_argument("--out", required=True, help="run folder: checkpoint, log.jsonl, image grids")
     g.add_argument("--resume", action="store_true", help="continue the run in OUT")
     g.add_argument("--overwrite", action="store_true", help="delete the run in OUT and start over")
+    g.add_argument("--allow_new_data", action="store_true", help="--resume on data that differ from the checkpoint's")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--steps", type=POS_INT, help="total optimisation steps (default: from epochs)")
     g.add_argument("--stop_at", type=POS_INT, help="save and stop at this step, to be continued with --resume")
@@ -1198,12 +1506,18 @@ def override(recipe, args):
     return replace(recipe, **given)
 
 
-def dataset_from_args(args, img_size, train=True):
-    """The embedded shapes (train: seed 0, held-out: seed 1), or an ImageNet-style folder subset."""
+def dataset_from_args(args, img_size, train=True, n=None):
+    """The embedded shapes (train: n of seed 0, default 4,000; held-out: 1,000 of seed 1), MNIST-format idx files
+    (train: the train split, held-out: t10k) or an ImageNet-style folder subset (the folder itself either way).
+    n: the training set is a seeded subset of n images spread over the classes."""
     if args.data_path is None:
-        return Shapes(args.shapes_n if train else 1000, img_size, args.num_classes or 10, seed=0 if train else 1)
-    classes = open(args.class_list).read().split() if args.class_list else args.num_classes
-    return ImageFolderSubset(args.data_path, img_size, classes, args.images_per_class)
+        return Shapes(n or 4000 if train else 1000, img_size, args.num_classes or 10, seed=0 if train else 1)
+    classes = read_class_list(args.class_list) if args.class_list else args.num_classes
+    n = n if train else None
+    folder = idx_folder(args.data_path)
+    if folder:
+        return IdxImages(folder, "train" if train else "t10k", img_size, classes, args.images_per_class, n)
+    return ImageFolderSubset(args.data_path, img_size, classes, args.images_per_class, n)
 
 
 def writable(path, folder=False):
@@ -1219,32 +1533,106 @@ def writable(path, folder=False):
         raise OSError(f"cannot write to {where}: {e.strerror or e}") from e
 
 
-def start_run(args, kind, rank=0):
-    """-> (checkpoint to resume or None, ckpt path, log path). A run is never overwritten by accident; on resume
-    log.jsonl keeps only the steps up to the checkpoint, so that each step is logged once."""
+RUN_KEYS = {"tokenizer": ("config", "recipe", "stage", "step", "model", "ema", "disc", "opt", "d_opt", "rng"),
+            "dit": ("config", "recipe", "step", "model", "ema", "opt", "rng")}
+
+
+def inside(path, folder):
+    """Whether path is folder or lies in it (links resolved)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
+
+
+def start_run(args, kind, rank=0, inputs=()):
+    """-> (checkpoint to resume or None, ckpt path, log path). A run is never overwritten by accident, and never
+    deleted or overwritten together with one of the command's inputs; on resume log.jsonl keeps only the steps
+    up to the checkpoint, so that each step is logged once."""
     ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl")
     if args.resume and args.overwrite:
         raise ValueError("--resume continues the run in --out, --overwrite deletes it: pass one of them")
     if not (args.resume or args.overwrite) and (os.path.exists(ckpt_path) or os.path.exists(log_path)):
-        raise ValueError(f"{args.out} already holds a run: pass --resume to continue it, or --overwrite to delete it and start over")
+        raise ValueError(f"{args.out} already holds a run: pass --resume to continue it, or --overwrite to delete it "
+                         "and start over")
+    given = [p for p in inputs if p]
+    for p in given if args.overwrite else [p for p in given if inside(p, ckpt_path) or inside(p, log_path)]:
+        if inside(p, args.out):
+            raise ValueError(f"{p} is an input of this command and lies in --out {args.out}, which this run would "
+                             "overwrite: choose another --out")
     resume = load_checkpoint(ckpt_path, kind) if args.resume and os.path.exists(ckpt_path) else None
+    if resume and resume.get("stage") != 0:                                # stage 0: statistics only, no run
+        missing = [k for k in RUN_KEYS[kind] if k not in resume]
+        if missing:
+            raise ValueError(f"{ckpt_path} cannot be resumed: it has no {missing[0]!r} (another version of this code?)")
     if rank == 0:                                                          # rank 0 alone touches the folder
-        writable(args.out, folder=True)
         for name in os.listdir(args.out) if args.overwrite else []:
             if name in ("ckpt.pt", "log.jsonl") or name.startswith(("recon_", "samples_")) and name.endswith(".png"):
                 os.remove(os.path.join(args.out, name))
-        print(f"--resume: no {ckpt_path} yet, starting a new run") if args.resume and resume is None else None
-        if os.path.exists(log_path):                                       # drop the steps logged after the checkpoint
-            with open(log_path) as f:
-                lines = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= (resume or {}).get("step", 0)]
-            atomic_write(log_path, lambda f: f.write("".join(lines).encode()))
+        if args.resume and resume is None:
+            print(f"--resume: no {ckpt_path} yet, starting a new run")
+        trim_log(log_path, (resume or {}).get("step", 0))
     return resume, ckpt_path, log_path
 
 
+def trim_log(log_path, step):
+    """Drop the lines logged after the checkpoint's step (and a last line cut short by a kill)."""
+    if not os.path.exists(log_path):
+        return
+    kept = []
+    with open(log_path) as f:
+        for n, line in enumerate(f, 1):
+            try:
+                last = json.loads(line)["step"] if line.endswith("\n") else None
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{log_path} is damaged at line {n} ({type(e).__name__}): repair or delete it") from e
+            if last is not None and last <= step:
+                kept.append(line)
+    atomic_write(log_path, lambda f: f.write("".join(kept).encode()))
+
+
+def recipe_from(cls, saved, path):
+    """A recipe dataclass from a checkpoint's plain dict; a field this code does not know is an error."""
+    unknown = sorted(set(saved) - {f.name for f in fields(cls)})
+    if unknown:
+        raise ValueError(f"{path} comes from another version of this code: its recipe has the unknown field {unknown[0]!r}")
+    return cls(**saved)
+
+
+def check_same_data(resume, dataset, ckpt_path, allow):
+    """Record of the data a run trains on -> the same, or an error naming what changed (unless allow)."""
+    now = dataset.identity()
+    changes = data_changes(resume.get("data") or {}, now) if resume and "data" in resume else []
+    if changes and not allow:
+        raise ValueError(f"{ckpt_path} was trained on other data ({'; '.join(changes)}); pass --allow_new_data to "
+                         "continue on these")
+    if changes:
+        print(f"--allow_new_data: continuing on other data ({'; '.join(changes)})")
+    return now
+
+
 def run_cli(main, get_args):
-    """Run a script; an expected failure (files, permissions, disk, bad data) ends in one line, not a traceback."""
+    """Run a script. An expected failure (files, permissions, disk, bad data, memory, Ctrl-C) ends in one line,
+    not a traceback; open progress bars are closed first, so that the line stands alone."""
+    args = get_args()
     try:
-        main(get_args())
-    except (OSError, ValueError, SystemExit) as e:
-        [bar.close() for bar in list(getattr(tqdm, "_instances", ()))]     # the message goes on its own line
-        sys.exit(e.code if isinstance(e, SystemExit) else f"error: {e}")
+        main(args)
+    except BaseException as e:
+        message = cli_message(e, args)
+        if message is None:
+            raise
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
+        sys.exit(message)
+
+
+def cli_message(e, args):
+    """The one line that ends a script for an expected failure; None for a bug (which keeps its traceback)."""
+    if isinstance(e, SystemExit):
+        return e.code
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(e, MemoryError) or isinstance(e, RuntimeError) and (
+            isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)):
+        return f"error: out of memory with --batch_size {getattr(args, 'batch_size', None)}: lower it"
+    if isinstance(e, (OSError, ValueError)):
+        return f"error: {e}"
+    return None

@@ -5,12 +5,15 @@ RecTok: Reconstruction Distillation along Rectified Flow (Shi et al., arXiv 2512
 integration of the velocity field from noise (t = 0) to data (t = 1) on the shifted time grid, with optional
 classifier-free guidance or AutoGuidance, then the pixel decoder. Images become uint8 by truncation, as the
 official evaluation does. The output kind follows --out: a .png grid, a folder of PNGs, or an .npz (uint8
-arr_0, N x H x W x 3, plus labels) that eval.py and the ADM evaluator read.
+arr_0, N x H x W x 3, plus labels) that eval.py and the ADM evaluator read. Image i is a function of
+(--seed, i) alone: the same command gives the same images on 1 or 8 processes, and --num_images N is a
+prefix of N + k.
 
   python sample.py --ckpt runs/quick_dit/ckpt.pt --out runs/quick_dit/grid.png
   python sample.py --ckpt runs/quick_dit/ckpt.pt --trajectory --out runs/quick_dit/trajectory.png
   torchrun --nproc_per_node 8 sample.py --ckpt ditdhxl_epoch_0599.pth --tokenizer_ckpt runs/official_tok/ckpt.pt \
-      --autoguidance_ckpt ditdhs_epoch_0029.pth --ag_scale 1.29 --steps 149 --num_images 50000 --class_balanced --out samples.npz
+      --autoguidance_ckpt ditdhs_epoch_0029.pth --ag_scale 1.29 --steps 149 --num_images 50000 --class_balanced \
+      --out samples.npz
 """
 import argparse
 import os
@@ -41,7 +44,7 @@ def get_args(argv=None):
     p.add_argument("--ag_scale", type=R.NONNEG_FLOAT, help="AutoGuidance scale (default: the official 1.29)")
     p.add_argument("--steps", type=R.POS_INT, default=49, help="integration steps (the official 150 grid points = 149)")
     p.add_argument("--sampler", default="euler", choices=["euler", "heun"])
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--seed", type=int, default=1, help="image i is drawn from a generator seeded by (seed, i)")
     p.add_argument("--batch_size", type=R.POS_INT, default=64)
     p.add_argument("--trajectory", action="store_true", help="grid of decoded states along the flow (rows: samples)")
     return p.parse_args(argv)
@@ -59,12 +62,14 @@ def check_flags(args):
         raise ValueError("--labels and --class_balanced both choose the labels: pass one")
     if args.trajectory and not args.out.endswith(".png"):
         raise ValueError("--trajectory writes a .png grid: give --out FILE.png")
+    inputs = [args.ckpt, args.tokenizer_ckpt, args.latent_stats, args.autoguidance_ckpt]
+    if any(p and os.path.abspath(p) == os.path.abspath(args.out) for p in inputs):
+        raise ValueError(f"--out {args.out} is one of this command's inputs: choose another name")
     R.writable(args.out, folder=not args.out.endswith((".png", ".npz")))
 
 
-def main(args):
-    check_flags(args)
-    rank, world, device = R.setup_distributed()
+def load_models(args, device):
+    """-> the DiT, the tokenizer with the latent statistics the DiT was trained with, the AutoGuidance DiT or None."""
     ckpt = R.load_checkpoint(args.ckpt, "dit", official=True)          # ours, or an official release file
     dit = R.load_model(args.ckpt, "dit").to(device).eval()
     tok_path = args.tokenizer_ckpt or ckpt.get("tokenizer")
@@ -73,13 +78,17 @@ def main(args):
     tok = R.load_model(tok_path, "tokenizer").to(device).eval()
     if ckpt.get("tokenizer_fingerprint") not in (None, fingerprint(tok)):  # the DiT learnt another latent
         if not args.tokenizer_ckpt:
-            raise ValueError(f"{tok_path} is no longer the tokenizer {args.ckpt} was trained with; pass the right one with --tokenizer_ckpt")
+            raise ValueError(f"{tok_path} is no longer the tokenizer {args.ckpt} was trained with; "
+                             "pass the right one with --tokenizer_ckpt")
         warnings.warn(f"{tok_path} is not the tokenizer {args.ckpt} was trained with")
     if "latent_mean" in ckpt:  # the statistics the DiT was trained with
-        tok.latent_mean.copy_(ckpt["latent_mean"]), tok.latent_std.copy_(ckpt["latent_std"])
+        R.check_latent_stats(ckpt["latent_mean"], ckpt["latent_std"], args.ckpt)
+        tok.latent_mean.copy_(ckpt["latent_mean"])
+        tok.latent_std.copy_(ckpt["latent_std"])
     if args.latent_stats:
         mean, std = read_latent_stats(args.latent_stats, tok.cfg.latent_dim)
-        tok.latent_mean.copy_(mean), tok.latent_std.copy_(std)
+        tok.latent_mean.copy_(mean)
+        tok.latent_std.copy_(std)
     if not tok.latent_mean.any() and (tok.latent_std == 1).all():
         raise ValueError(f"no latent statistics for {tok_path}: pass --latent_stats or a tokenizer measured with --stats_only")
     if (tok.grid, tok.cfg.latent_dim) != (dit.cfg.grid, dit.cfg.latent_dim):
@@ -88,58 +97,119 @@ def main(args):
     bad = R.load_model(args.autoguidance_ckpt, "dit").to(device).eval() if args.autoguidance_ckpt else None
     if bad is not None and (bad.cfg.grid, bad.cfg.latent_dim, bad.num_classes) != (dit.cfg.grid, dit.cfg.latent_dim, dit.num_classes):
         raise ValueError(f"{args.autoguidance_ckpt} does not fit the DiT's latent and classes")
+    return dit, tok, bad
+
+
+def image_generator(seed, i, stream):
+    """Image i's own random stream (0: its noise, 1: its random label), seeded by (seed, i): it depends neither on
+    the batch nor on the number of processes, so any image can be made again from its index."""
+    state = np.random.SeedSequence([seed % 2**64, i, stream]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def sample_labels(args, n, num_classes):
+    if args.class_balanced:
+        labels = torch.arange(n) % num_classes
+    elif args.labels:
+        labels = torch.tensor(args.labels).repeat(n // len(args.labels) + 1)[:n]
+    else:
+        labels = torch.stack([torch.randint(num_classes, (), generator=image_generator(args.seed, i, 1)) for i in range(n)])
+    if labels.max() >= num_classes:
+        raise ValueError(f"labels must lie in [0, {num_classes - 1}]")
+    return labels
+
+
+def sample_noise(seed, indices, shape):
+    return torch.stack([torch.randn(shape, generator=image_generator(seed, i, 0)) for i in indices])
+
+
+def generate(dit, tok, noise, labels, grid, args, guidance, how, trajectory=None):
+    """Latent noise (B, C, h, w) -> images in [0, 1] (B, 3, H, W); non-finite samples are an error."""
+    with R.autocast(noise.device):
+        z = R.sample(dit, noise, labels, grid, args.sampler, trajectory, **guidance)
+        x = tok.decode(z.float())
+    if not (z.isfinite().all() and x.isfinite().all()):
+        raise ValueError(f"the samples are not finite after {args.steps} {args.sampler} steps with {how}: "
+                         f"{args.ckpt} diverged, or its latent statistics are wrong")
+    return x
+
+
+def main(args):
+    check_flags(args)
+    rank, world, device = R.setup_distributed()
+    dit, tok, bad = load_models(args, device)
     guidance = dict(cfg=args.ag_scale or 1.29, bad_model=bad) if bad else dict(cfg=args.cfg, interval=tuple(args.cfg_interval))
-
-    K, N = dit.num_classes, args.num_images
-    g = torch.Generator().manual_seed(args.seed)
-    labels = (torch.arange(N) % K if args.class_balanced else
-              torch.tensor(args.labels).repeat(N // len(args.labels) + 1)[:N] if args.labels else torch.randint(K, (N,), generator=g))
-    if labels.max() >= K:
-        raise ValueError(f"labels must lie in [0, {K - 1}]")
+    how = f"AutoGuidance {guidance['cfg']}" if bad else f"cfg {args.cfg}"
+    N, shape = args.num_images, (dit.cfg.latent_dim, dit.cfg.grid, dit.cfg.grid)
+    labels = sample_labels(args, N, dit.num_classes)
     grid = R.time_grid(args.steps, R.flow_shift(dit.cfg.grid, dit.cfg.latent_dim))
-    shape = (dit.cfg.latent_dim, dit.cfg.grid, dit.cfg.grid)
+    if args.trajectory:
+        return trajectory(dit, tok, labels, grid, args, guidance, how, device) if rank == 0 else args.out
 
-    if args.trajectory:  # rows: samples; columns: decoded x_t at 8 times from noise to data
-        noise = torch.randn(min(N, 8), *shape, generator=g).to(device)
-        states = [noise]
-        with R.autocast(device):
-            R.sample(dit, noise, labels[: len(noise)].to(device), grid, args.sampler, states, **guidance)
-            cols = [states[i] for i in np.linspace(0, len(states) - 1, 8).round().astype(int)]
-            images = torch.stack([tok.decode(x.float()) for x in cols], dim=1)  # (n, 8, 3, H, W)
-        R.save_grid(images.flatten(0, 1), args.out)
-        print(f"trajectory t = {', '.join(f'{grid[i]:.2f}' for i in np.linspace(0, len(grid) - 1, 8).round().astype(int))} -> {args.out}")
-        return args.out
-
-    torch.manual_seed(args.seed + rank)                                    # per-rank seed, as the official code
-    t_start = time.time()
-    mine = torch.arange(N)[rank::world]
-    images = []
-    for start in tqdm(range(0, len(mine), args.batch_size), disable=rank != 0, desc="sampling"):
-        idx = mine[start: start + args.batch_size]
-        noise = torch.randn(len(idx), *shape).to(device)                  # drawn on the CPU, as the official sampler
-        with R.autocast(device):
-            z = R.sample(dit, noise, labels[idx].to(device), grid, args.sampler, **guidance)
-            x = tok.decode(z.float())                                      # [0, 1]
-        images.append((x * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu())  # truncation, as the official code
-        if not args.out.endswith((".png", ".npz")):
-            for i, img in zip(idx.tolist(), images.pop()):
-                R.save_grid(img.permute(2, 0, 1).float() / 255, os.path.join(args.out, f"{i:06d}_class{labels[i]}.png"))
-    if args.out.endswith((".png", ".npz")):  # each rank writes its shard; rank 0 interleaves them back
-        R.atomic_write(f"{args.out}.rank{rank}.npy", lambda f: np.save(f, torch.cat(images).numpy()))
-        if world > 1:
-            dist.barrier()
+    # Batches of consecutive indices, dealt round-robin over the ranks: the batches are the same on any number
+    # of processes, so the images are too, bit for bit on the same device type.
+    t_start, size = time.time(), tok.cfg.img_size
+    batches = torch.arange(N).split(args.batch_size)[rank::world]
+    index, images = [torch.arange(0)], [np.empty((0, size, size, 3), np.uint8)]
+    for idx in tqdm(batches, disable=rank != 0, desc="sampling"):
+        x = generate(dit, tok, sample_noise(args.seed, idx.tolist(), shape).to(device), labels[idx].to(device),
+                     grid, args, guidance, how)
+        x = (x * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # truncation, as the official code
+        if args.out.endswith((".png", ".npz")):
+            index.append(idx)
+            images.append(x)
+        else:                                                              # a folder: each image its own file
+            for i, img in zip(idx.tolist(), x):
+                R.save_grid(torch.from_numpy(img).permute(2, 0, 1).float() / 255,
+                            os.path.join(args.out, f"{i:06d}_class{int(labels[i])}.png"))
+    if args.out.endswith((".png", ".npz")):
+        arr = gather_images(np.concatenate(images), torch.cat(index).numpy(), N, args.out, rank, world)
         if rank == 0:
-            arr = np.empty((N, *images[0].shape[1:]), np.uint8)
-            for r in range(world):
-                arr[r::world] = np.load(f"{args.out}.rank{r}.npy")
-                os.remove(f"{args.out}.rank{r}.npy")
-            if args.out.endswith(".npz"):
-                R.atomic_write(args.out, lambda f: np.savez(f, arr_0=arr, labels=labels.numpy()))
-            else:
-                R.save_grid(torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255, args.out)
-            how = f"AutoGuidance {guidance['cfg']}" if bad else f"cfg {args.cfg}"
-            secs = time.time() - t_start
-            print(f"{N} samples, {args.steps} {args.sampler} steps, {how}, {secs:.1f}s ({N / secs:.1f} images/s) -> {args.out}")
+            write_samples(arr, labels, args.out)
+    if rank == 0:
+        secs = time.time() - t_start
+        print(f"{N} samples, {args.steps} {args.sampler} steps, {how}, {secs:.1f}s ({N / secs:.1f} images/s) -> {args.out}")
+    return args.out
+
+
+def gather_images(images, index, n, out, rank, world):
+    """Every rank's images at rank 0, in index order: each rank writes its shard under a name of its own
+    process, rank 0 reads them back. -> (n, H, W, 3) uint8 on rank 0."""
+    if world == 1:
+        return images[np.argsort(index)]
+    shard = f"{out}.shard{rank}.{os.getpid()}.npz"
+    R.atomic_write(shard, lambda f: np.savez(f, images=images, index=index))
+    shards = [None] * world
+    dist.all_gather_object(shards, shard)
+    arr = None
+    if rank == 0:
+        arr = np.empty((n, *images.shape[1:]), np.uint8)
+        for path in shards:
+            with np.load(path) as d:
+                arr[d["index"]] = d["images"]
+    dist.barrier()                                                         # rank 0 has read every shard
+    os.remove(shard)
+    return arr
+
+
+def write_samples(arr, labels, out):
+    if out.endswith(".npz"):
+        R.atomic_write(out, lambda f: np.savez(f, arr_0=arr, labels=labels.numpy()))
+    else:
+        R.save_grid(torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255, out)
+
+
+def trajectory(dit, tok, labels, grid, args, guidance, how, device):
+    """Rows: up to 8 samples; columns: decoded x_t at 8 times from noise to data."""
+    n = min(args.num_images, 8)
+    noise = sample_noise(args.seed, range(n), (dit.cfg.latent_dim, dit.cfg.grid, dit.cfg.grid)).to(device)
+    states = [noise]
+    generate(dit, tok, noise, labels[:n].to(device), grid, args, guidance, how, states)
+    cols = np.linspace(0, len(states) - 1, 8).round().astype(int)
+    with R.autocast(device):
+        images = torch.stack([tok.decode(states[i].float()) for i in cols], dim=1)  # (n, 8, 3, H, W)
+    R.save_grid(images.flatten(0, 1), args.out)
+    print(f"trajectory t = {', '.join(f'{grid[i]:.2f}' for i in cols)} -> {args.out}")
     return args.out
 
 

@@ -14,14 +14,15 @@ on disk; each step draws a fresh posterior sample from them.
 """
 import argparse
 import copy
-import errno
 import hashlib
 import io
 import json
 import os
 import pickle
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -105,12 +106,6 @@ def constant_then_linear_lr(epoch, lr, min_lr, start, end):
     return lr - (lr - min_lr) * min(1.0, max(0.0, epoch - start) / max(end - start, 1e-8))
 
 
-def dataset_fingerprint(dataset):
-    items = [p for p, _ in dataset.samples] if hasattr(dataset, "samples") else [dataset.seed, dataset.num_classes]
-    return {"type": type(dataset).__name__, "n": len(dataset), "size": dataset.size,
-            "items": hashlib.sha1(json.dumps(items).encode()).hexdigest()}
-
-
 class WithIndex(torch.utils.data.Dataset):
     """(index, image, label), or None where the image cannot be read."""
 
@@ -126,40 +121,75 @@ class WithIndex(torch.utils.data.Dataset):
 
 
 @torch.no_grad()
-def latent_cache(tok, dataset, path, flips, device, rank, world, workers, batch=64):
+def latent_cache(tok, dataset, path, flips, device, rank, world, workers, own=False):
     """Posterior moments [mean | logvar] of every image (and its mirror), (N, flips, L, 2C) float16 in a .npy
     memmap, and the label of each row in PATH.labels.npy (-1: the image could not be read; that row is never
-    used). The .json description is written last, so an interrupted caching run is redone, and a cache made
-    with another tokenizer or dataset is refused."""
-    meta = {"tokenizer": fingerprint(tok.encoder), "dataset": dataset_fingerprint(dataset), "flips": flips, "format": 2}
-    if os.path.exists(path + ".json"):
-        with open(path + ".json") as f:
-            found = json.load(f)
-        if found != meta:
-            raise ValueError(f"latent cache {path} was made with a different "
-                             f"{'tokenizer' if found.get('tokenizer') != meta['tokenizer'] else 'dataset, flip setting or cache format'}; "
-                             f"delete it or pass --latent_cache NEW_PATH")
-        return np.load(path, mmap_mode="r"), np.load(path + ".labels.npy")
+    used). PATH.json records the tokenizer and the data (their files' names, sizes and times). The cache is
+    built under a lock (a second process waits), in PATH.partial, then moved into place with its .json last:
+    a reader never sees a half-written cache, and a killed build is redone. A cache that no longer fits its
+    tokenizer or data is rebuilt if it is the run's own (own), and refused if it was given. -> cache, labels"""
+    meta = {"tokenizer": fingerprint(tok.encoder), "data": dataset.identity(), "flips": flips, "format": 3}
     shape = (len(dataset), flips, tok.grid**2, 2 * tok.cfg.latent_dim)
     if rank == 0:
         R.writable(path)
-        np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape).flush()
+    with R.lock_file(path + ".lock", f"the latent cache {path}", wait=True) if rank == 0 else nullcontext():
+        fits = R.broadcast_object(cache_fits(path, meta, own) if rank == 0 else None, world)
+        if not fits:
+            build_latent_cache(tok, dataset, path, meta, shape, device, rank, world, workers)
+        try:
+            cache, labels = np.load(path, mmap_mode="r"), np.load(path + ".labels.npy")
+        except (OSError, ValueError) as e:
+            raise ValueError(f"latent cache {path} is damaged ({e}): delete it and {path}.json to rebuild it") from e
+        if cache.shape != shape or labels.shape != shape[:1]:
+            raise ValueError(f"latent cache {path} holds {cache.shape}, not {shape}: delete it and {path}.json")
+        if world > 1:
+            dist.barrier()                                                 # every rank has it open: the lock may go
+    return cache, labels
+
+
+def cache_fits(path, meta, own):
+    """Whether the cache at path was made from this tokenizer and these data; a mismatch stops a given cache."""
+    if not os.path.exists(path + ".json"):
+        return False
+    try:
+        with open(path + ".json") as f:
+            found = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"latent cache description {path}.json is unreadable ({e}): delete it to rebuild the cache") from e
+    if found == meta:
+        return True
+    why = ("another tokenizer" if found.get("tokenizer") != meta["tokenizer"] else
+           f"other data ({'; '.join(R.data_changes(found.get('data') or {}, meta['data']))})"
+           if found.get("data") != meta["data"] else "another flip setting or an older cache format")
+    if own:
+        print(f"latent cache {path} was made from {why}: building it again")
+        return False
+    raise ValueError(f"latent cache {path} was made from {why}; delete it or pass --latent_cache NEW_PATH")
+
+
+def build_latent_cache(tok, dataset, path, meta, shape, device, rank, world, workers, batch=64):
+    partial = path + ".partial"
+    if rank == 0:
+        if os.path.exists(path + ".json"):                                 # from here on the old cache is void
+            os.remove(path + ".json")
         try:                                                               # claim the disk space now, not mid-pass
-            with open(path, "r+b") as f:
-                os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
+            np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=shape).flush()
+            with open(partial, "r+b") as f:
+                os.posix_fallocate(f.fileno(), 0, os.path.getsize(partial))
         except OSError as e:
-            if e.errno == errno.ENOSPC:
-                os.remove(path)
-                raise OSError(f"no room for the latent cache ({np.prod(shape) * 2 / 1e9:.1f} GB) at {path}: pass --latent_cache ELSEWHERE") from e
+            if os.path.exists(partial):
+                os.remove(partial)
+            raise OSError(f"cannot write the latent cache {path} ({np.prod(shape) * 2 / 1e9:.1f} GB): "
+                          f"{e.strerror or e}; pass --latent_cache ELSEWHERE") from e
     if world > 1:
         dist.barrier()
-    cache, labels = np.load(path, mmap_mode="r+"), torch.full((len(dataset),), -1, device=device)
+    cache, labels = np.load(partial, mmap_mode="r+"), torch.full((len(dataset),), -1, device=device)
     for data in tqdm(R.pass_loader(WithIndex(dataset), batch, workers, None, rank, world, "latent cache"),
                      desc="caching latents", disable=rank != 0):
         if data is None:                                                   # no readable image in this batch
             continue
         rows, img, y = data
-        for f in range(flips):
+        for f in range(shape[1]):
             x = img.to(device).flip(-1) if f else img.to(device)
             with R.autocast(device):
                 mean, logvar = tok.encode(x)                               # fp32 (B, L, C) each
@@ -168,12 +198,13 @@ def latent_cache(tok, dataset, path, flips, device, rank, world, workers, batch=
     cache.flush()
     if world > 1:
         dist.all_reduce(labels, op=dist.ReduceOp.MAX)
+        dist.barrier()                                                     # every rank's rows are on disk
     if rank == 0:
         R.atomic_write(path + ".labels.npy", lambda f: np.save(f, labels.cpu().numpy()))
+        os.replace(partial, path)
         R.atomic_write(path + ".json", lambda f: f.write(json.dumps(meta).encode()))
     if world > 1:
         dist.barrier()
-    return np.load(path, mmap_mode="r"), labels.cpu().numpy()
 
 
 class CachedLatents(torch.utils.data.Dataset):
@@ -198,26 +229,88 @@ class CachedLatents(torch.utils.data.Dataset):
 def main(args):
     rank, world, device = R.setup_distributed()
     torch.manual_seed(args.seed + rank)
-    resume, ckpt_path, log_path = R.start_run(args, "dit", rank)
-    recipe = R.override(R.DiTRecipe(**resume["recipe"]) if resume else R.PRESETS[args.preset]["dit"], args)
-    if resume and any(getattr(args, k) not in (None, resume["recipe"][k]) for k in ("model", "patch_size")):
-        raise ValueError(f"--resume keeps the model of {ckpt_path}: drop --model and --patch_size")
-    if recipe.decay_end_epoch < recipe.decay_start_epoch:
-        raise ValueError(f"--decay_end_epoch {recipe.decay_end_epoch} lies before --decay_start_epoch {recipe.decay_start_epoch}")
+    with R.run_lock(args.out, rank):
+        inputs = [args.tokenizer, args.latent_stats, args.latent_cache, args.data_path, args.class_list]
+        resume, ckpt_path, log_path = R.start_run(args, "dit", rank, inputs)
+        recipe = resolve_recipe(args, resume, ckpt_path)
+        tok, norm = load_tokenizer(args, device)
+        with R.memory_guard(recipe.batch_size // world, tok.cfg.img_size):
+            run = build(args, recipe, tok, resume, ckpt_path, rank, world, device)
+            run.norm = norm
+            if run.progress.step >= run.total:
+                print(f"{ckpt_path} is a finished run (step {run.progress.step} of {run.total}); nothing to do")
+                return ckpt_path
+            with R.stop_guard(run.progress, rank):
+                train(run, args, log_path, resume)
+    return ckpt_path
 
-    # The tokenizer: its EMA weights and its latent statistics (ours carry them; official ones need a file).
+
+def resolve_recipe(args, resume, ckpt_path):
+    """The preset (or the resumed run's recipe), then the flags."""
+    if resume and any(getattr(args, k) not in (None, resume["recipe"].get(k)) for k in ("model", "patch_size")):
+        raise ValueError(f"--resume keeps the model of {ckpt_path}: drop --model and --patch_size")
+    recipe = R.recipe_from(R.DiTRecipe, resume["recipe"], ckpt_path) if resume else R.PRESETS[args.preset]["dit"]
+    recipe = R.override(recipe, args)
+    if recipe.decay_end_epoch < recipe.decay_start_epoch:
+        raise ValueError(f"--decay_end_epoch {recipe.decay_end_epoch} lies before --decay_start_epoch "
+                         f"{recipe.decay_start_epoch}")
+    return recipe
+
+
+def load_tokenizer(args, device):
+    """The tokenizer's EMA weights and its latent statistics (ours carry them; official ones need a file).
+    -> (tokenizer, how its latents are normalised)"""
     tok = R.load_model(args.tokenizer, "tokenizer").to(device).eval().requires_grad_(False)
-    tok_id = fingerprint(tok)                                            # sample.py checks it decodes with this one
     if args.latent_stats:
         mean, std = read_latent_stats(args.latent_stats, tok.cfg.latent_dim)
-        tok.latent_mean.copy_(mean), tok.latent_std.copy_(std)
+        tok.latent_mean.copy_(mean)
+        tok.latent_std.copy_(std)
     if not tok.latent_mean.any() and (tok.latent_std == 1).all():
-        raise ValueError(f"{args.tokenizer} carries no latent statistics: pass --latent_stats FILE, or measure them with "
-                         f"train_tokenizer.py --stats_only --init_from {args.tokenizer}")
-    dataset = R.dataset_from_args(args, tok.cfg.img_size)
+        raise ValueError(f"{args.tokenizer} carries no latent statistics: pass --latent_stats FILE, or measure them "
+                         f"with train_tokenizer.py --stats_only --init_from {args.tokenizer}")
+    norm = f"as in {args.latent_stats}" if args.latent_stats else f"by the std of posterior {tok.latent_norm or 'means'}"
+    return tok, norm
+
+
+def build(args, recipe, tok, resume, ckpt_path, rank, world, device):
+    """Data (bound to the checkpoint's), the DiT and its EMA, the optimiser, the latent cache, the step count."""
+    run = SimpleNamespace(recipe=recipe, tok=tok, tok_id=fingerprint(tok), rank=rank, world=world, device=device)
+    dataset = R.dataset_from_args(args, tok.cfg.img_size, n=recipe.train_images)
+    run.data_id = R.check_same_data(resume, dataset, ckpt_path, args.allow_new_data)
+    run.cfg = dit_config(recipe, tok, dataset, resume, ckpt_path, run.tok_id, args.tokenizer)
+    run.model = R.DiTDH(run.cfg).to(device)
+    run.ema = copy.deepcopy(R.broadcast(run.model, world)).eval().requires_grad_(False)
+    run.opt = torch.optim.AdamW(run.model.parameters(), lr=recipe.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    if resume:
+        for part, key in ((run.model, "model"), (run.ema, "ema"), (run.opt, "opt")):
+            part.load_state_dict(resume[key])
+    run.net = torch.nn.parallel.DistributedDataParallel(run.model) if world > 1 else run.model
+    R.maybe_compile([run.model], args.compile)
+    run.flips = 2 if recipe.flip else 1
+    path = args.latent_cache or os.path.join(args.out, "latents.npy")
+    run.latents = CachedLatents(*latent_cache(tok, dataset, path, run.flips, device, rank, world, args.workers,
+                                              own=args.latent_cache is None))
+    run.batch, run.steps_per_epoch = recipe.batch_size // world, len(run.latents) // recipe.batch_size
+    if recipe.batch_size % world or run.steps_per_epoch == 0:
+        raise ValueError(f"batch size {recipe.batch_size} must divide by {world} processes and fit the "
+                         f"{len(run.latents)} images")
+    run.total = args.steps or round(recipe.epochs * run.steps_per_epoch)
+    if run.total == 0:
+        raise ValueError(f"--epochs {recipe.epochs:g} is 0 steps of {recipe.batch_size} on {len(run.latents)} images: "
+                         "raise --epochs or pass --steps")
+    run.progress = R.Progress(ckpt_path, resume["step"] if resume else 0, resumed=bool(resume))
+    step = run.progress.step
+    if args.stop_at is not None and step < run.total and not step < args.stop_at <= run.total:
+        raise ValueError(f"--stop_at {args.stop_at} must lie after the current step {step} and at most at the last, "
+                         f"{run.total}")
+    return run
+
+
+def dit_config(recipe, tok, dataset, resume, ckpt_path, tok_id, tok_path):
+    """The DiT's shape; a resumed DiT must still fit this tokenizer and these classes."""
     backbone, head = R.DIT_SIZES[recipe.model]
     cfg = R.DiTConfig(tok.grid, tok.cfg.latent_dim, len(dataset.classes), recipe.patch_size, backbone, head)
-    if resume:  # a resumed DiT must still fit this tokenizer and these classes
+    if resume:
         old = R.DiTConfig(**resume["config"])
         for field, a, b in (("latent width", old.latent_dim, cfg.latent_dim), ("latent grid", old.grid, cfg.grid),
                             ("number of classes", old.num_classes, cfg.num_classes)):
@@ -225,92 +318,89 @@ def main(args):
                 raise ValueError(f"the DiT in {ckpt_path} has {field} {a}, but the tokenizer/data give {b}")
         cfg = old
         if resume.get("tokenizer_fingerprint", tok_id) != tok_id:
-            raise ValueError(f"the DiT in {ckpt_path} was trained on another tokenizer than {args.tokenizer}")
+            raise ValueError(f"the DiT in {ckpt_path} was trained on another tokenizer than {tok_path}")
     if cfg.grid % cfg.patch_size:
         raise ValueError(f"latent grid {cfg.grid} is not divisible by the DiT patch size {cfg.patch_size}")
+    return cfg
 
-    model = R.DiTDH(cfg).to(device)
-    ema = copy.deepcopy(R.broadcast(model, world)).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    step = 0
-    if resume:
-        model.load_state_dict(resume["model"]), ema.load_state_dict(resume["ema"]), opt.load_state_dict(resume["opt"])
-        step = resume["step"]
-    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    R.maybe_compile([model], args.compile)
 
-    flips = 2 if recipe.flip else 1
-    latents = CachedLatents(*latent_cache(tok, dataset, args.latent_cache or os.path.join(args.out, "latents.npy"),
-                                          flips, device, rank, world, args.workers))
-    batch = recipe.batch_size // world
-    steps_per_epoch = len(latents) // recipe.batch_size
-    if recipe.batch_size % world or steps_per_epoch == 0:
-        raise ValueError(f"batch size {recipe.batch_size} must divide by {world} processes and fit the {len(latents)} images")
-    total = args.steps or round(recipe.epochs * steps_per_epoch)
-    if resume and step >= total:
-        print(f"{ckpt_path} is a finished run (step {step} of {total}); nothing to do")
-        return ckpt_path
-    if args.stop_at is not None and not step < args.stop_at <= total:
-        raise ValueError(f"--stop_at {args.stop_at} must lie after the current step {step} and at most at the last, {total}")
-    shift = R.flow_shift(cfg.grid, cfg.latent_dim)
+def update(run, rows, y, lr):
+    """One optimisation step: a fresh posterior sample of each cached image (or its mirror), velocity MSE."""
+    tok, device = run.tok, run.device
+    flip = torch.randint(run.flips, (len(y),), device=device)              # image or its mirror
+    mean, logvar = run.latents.read(rows, flip).to(device).chunk(2, dim=-1)  # (B, L, C) each
+    z = tok.normalize(mean + (0.5 * logvar).exp() * torch.randn_like(mean))  # posterior sample (B, C, h, w)
+    for group in run.opt.param_groups:
+        group["lr"] = lr
+    with R.autocast(device):
+        loss = R.flow_matching_loss(run.net, z, y.to(device), run.shift, run.cfg.num_classes, run.recipe.label_drop)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.recipe.grad_clip)
+    R.check_finite(run.progress, run.world, run.rank, loss=loss, grad_norm=grad_norm)
+    run.opt.step()
+    run.opt.zero_grad(set_to_none=True)                                    # no stale gradients during the next forward
+    R.ema_update(run.ema, run.model, run.recipe.ema)
+    return {"loss": loss, "grad_norm": grad_norm}
+
+
+def checkpoint(run, args):
+    rngs = R.gathered_rng_states(run.world)
+    tok = run.tok
+    if run.rank == 0:
+        R.save_checkpoint(run.progress.ckpt_path, {
+            "kind": "dit", "config": asdict(run.cfg), "recipe": asdict(run.recipe), "step": run.progress.step,
+            "model": run.model.state_dict(), "ema": run.ema.state_dict(), "opt": run.opt.state_dict(), "rng": rngs,
+            "tokenizer": os.path.abspath(args.tokenizer), "tokenizer_fingerprint": run.tok_id, "data": run.data_id,
+            "latent_mean": tok.latent_mean.cpu(), "latent_std": tok.latent_std.cpu(), "latent_norm": run.norm})
+    run.progress.saved = run.progress.step
+
+
+def train(run, args, log_path, resume):
+    """The step loop: log, progress grids from fixed noise, checkpoints; a stop signal saves and ends the run."""
+    recipe, cfg, progress, rank, world = run.recipe, run.cfg, run.progress, run.rank, run.world
+    run.shift = R.flow_shift(cfg.grid, cfg.latent_dim)
     g = torch.Generator().manual_seed(args.seed)                           # fixed progress-grid noise and labels
-    show_noise = torch.randn(16, cfg.latent_dim, cfg.grid, cfg.grid, generator=g).to(device)
-    show_labels = (torch.arange(16) % cfg.num_classes).to(device)
+    show_noise = torch.randn(16, cfg.latent_dim, cfg.grid, cfg.grid, generator=g).to(run.device)
+    show_labels = (torch.arange(16) % cfg.num_classes).to(run.device)
     if resume:
         R.set_rng_state(resume["rng"][rank] if rank < len(resume["rng"]) else resume["rng"][0])
     if rank == 0:
-        print(f"DiT^DH-{recipe.model} {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params on a "
-              f"{cfg.grid}x{cfg.grid}x{cfg.latent_dim} latent, {len(latents)} images, {total} steps of "
-              f"{recipe.batch_size}, shift s={shift:.3f}, device {device}")
-    saved = (ckpt_path, step) if resume else None                          # the last checkpoint written
-
-    def checkpoint():
-        nonlocal saved
-        rngs = R.gathered_rng_states(world)
-        if rank == 0:
-            R.save_checkpoint(ckpt_path, {"kind": "dit", "config": asdict(cfg), "recipe": asdict(recipe), "step": step,
-                                          "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                                          "rng": rngs, "tokenizer": os.path.abspath(args.tokenizer), "tokenizer_fingerprint": tok_id,
-                                          "latent_mean": tok.latent_mean.cpu(), "latent_std": tok.latent_std.cpu()})
-        saved = (ckpt_path, step)
-
-    bar = tqdm(total=total, initial=step, disable=rank != 0, dynamic_ncols=True)
-    t_last, s_last = time.time(), step
-    while step < total and step != args.stop_at:
-        loader = R.epoch_loader(latents, batch, step // steps_per_epoch, args.seed, step % steps_per_epoch, rank, world, args.workers)
+        print(f"DiT^DH-{recipe.model} {sum(p.numel() for p in run.model.parameters()) / 1e6:.2f}M params on a "
+              f"{cfg.grid}x{cfg.grid}x{cfg.latent_dim} latent, {len(run.latents)} images, {run.total} steps of "
+              f"{recipe.batch_size}, shift s={run.shift:.3f}, latents normalised {run.norm}, device {run.device}")
+    bar = tqdm(total=run.total, initial=progress.step, disable=rank != 0, dynamic_ncols=True)
+    t_last, s_last = time.time(), progress.step
+    while progress.step < run.total and progress.step != args.stop_at:
+        step = progress.step
+        loader = R.epoch_loader(run.latents, run.batch, step // run.steps_per_epoch, args.seed,
+                                step % run.steps_per_epoch, rank, world, args.workers)
         for rows, y in loader:
-            flip = torch.randint(flips, (len(y),), device=device)          # image or its mirror
-            mean, logvar = latents.read(rows, flip).to(device).chunk(2, dim=-1)  # (B, L, C) each
-            z = tok.normalize(mean + (0.5 * logvar).exp() * torch.randn_like(mean))  # posterior sample (B, C, h, w)
-            lr = constant_then_linear_lr(step / steps_per_epoch, recipe.lr, recipe.min_lr, recipe.decay_start_epoch, recipe.decay_end_epoch)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            with R.autocast(device):
-                loss = R.flow_matching_loss(net, z, y.to(device), shift, cfg.num_classes, recipe.label_drop)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
-            R.check_finite(step, saved, world, loss=loss, grad_norm=grad_norm)
-            opt.step()
-            opt.zero_grad(set_to_none=True)                                # no stale gradients during the next forward
-            R.ema_update(ema, model, recipe.ema)
-            step += 1
+            lr = constant_then_linear_lr(progress.step / run.steps_per_epoch, recipe.lr, recipe.min_lr,
+                                         recipe.decay_start_epoch, recipe.decay_end_epoch)
+            values = update(run, rows, y, lr)
+            progress.step = step = progress.step + 1
             bar.update(1)
-            if rank == 0 and (step % args.log_every == 0 or step == total):
+            if step % args.log_every == 0 or step == run.total:
+                values = R.global_mean(values, world)
                 rate = (step - s_last) / (time.time() - t_last)
                 t_last, s_last = time.time(), step
-                R.log_json(log_path, {"step": step, "epoch": round(step / steps_per_epoch, 3), "lr": lr, "loss": loss.item(),
-                                      "grad_norm": grad_norm.item(), "steps_per_s": rate, "images_per_s": rate * recipe.batch_size})
-                bar.set_postfix(loss=f"{loss.item():.4f}")
-            if rank == 0 and (step % args.image_every == 0 or step == total):
-                with R.autocast(device):
-                    zs = R.sample(ema, show_noise, show_labels, R.time_grid(recipe.sample_steps, shift))
-                    R.save_grid(tok.decode(zs.float()), os.path.join(args.out, f"samples_{step:06d}.png"))
-            if step == args.stop_at or step % args.ckpt_every == 0 or step == total:
-                checkpoint()
-            if step in (total, args.stop_at):
+                if rank == 0:
+                    R.log_json(log_path, {"step": step, "epoch": round(step / run.steps_per_epoch, 3), "lr": lr,
+                                          **values, "steps_per_s": rate, "images_per_s": rate * recipe.batch_size})
+                bar.set_postfix(loss=f"{values['loss']:.4f}")
+            if rank == 0 and (step % args.image_every == 0 or step == run.total):
+                with R.autocast(run.device):
+                    zs = R.sample(run.ema, show_noise, show_labels, R.time_grid(recipe.sample_steps, run.shift))
+                    R.save_grid(run.tok.decode(zs.float()), os.path.join(args.out, f"samples_{step:06d}.png"))
+            stop = R.any_rank(progress.signal is not None, world)
+            if stop or step == args.stop_at or step % args.ckpt_every == 0 or step == run.total:
+                checkpoint(run, args)
+            if stop:
+                raise SystemExit(f"{progress.signal or 'a stop signal'} at step {step}: saved {progress.ckpt_path}; "
+                                 "continue with --resume" if rank == 0 else 1)
+            if step in (run.total, args.stop_at):
                 break
     bar.close()
-    return ckpt_path
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import math
 import os
 import time
 from dataclasses import asdict, replace
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -40,8 +41,9 @@ def get_args(argv=None):
     g.add_argument("--latent_dim", type=R.POS_INT, help="latent channels C")
     for name in ("encoder", "decoder", "sem_decoder"):
         g.add_argument(f"--{name}", choices=list(R.VIT_SIZES))
-    g.add_argument("--teacher", choices=[*R.TEACHERS, "shapes"], help="frozen VFM (quick preset: 'shapes' on the "
-                   "embedded shapes, dinov3_vits16 on a folder); 'random' = random stand-in, no semantics")
+    g.add_argument("--teacher", choices=[*R.TEACHERS, "shapes", "idx"], help="frozen VFM (quick preset: 'shapes' on "
+                   "the embedded shapes, 'idx' on MNIST-format data, dinov3_vits16 on a folder); 'random' = random "
+                   "stand-in, no semantics")
     g.add_argument("--teacher_ckpt", help="local weight file of the teacher (timm format, e.g. model.safetensors); "
                    "'random': the full-size architecture with random weights, for throughput benchmarks")
     g = p.add_argument_group("optimisation (default: from --preset)")
@@ -70,6 +72,8 @@ def get_args(argv=None):
     g.add_argument("--init_from", help="tokenizer checkpoint to start from (ours or official RecTok*.pth)")
     g.add_argument("--stats_only", action="store_true", help="only measure latent mean/std of --init_from")
     g.add_argument("--stats_images", type=R.POS_INT, help="measure the statistics on N images spread over the classes (default: all)")
+    g.add_argument("--latent_norm", choices=["means", "samples"], help="divide the DiT's latents by the per-channel "
+                   "std of posterior means (official, default) or of posterior samples")
     return p.parse_args(argv)
 
 
@@ -150,27 +154,36 @@ def param_groups(model, weight_decay):
 @torch.no_grad()
 def measure_latent_stats(tok, dataset, n_images, batch_size, device, rank=0, world=1, workers=0):
     """Per-channel mean and population std of the posterior means over n_images spread over the classes (no
-    flip, fp32), as the official `collect_tokenizer_stats`. The DiT normalises its latents with them."""
-    acc = torch.zeros(3, tok.cfg.latent_dim, dtype=torch.float64, device=device)   # count, sum, sum of squares
+    flip, fp32), as the official `collect_tokenizer_stats`, and the std of posterior samples,
+    sqrt(var of the means + mean sigma^2). -> mean, std of means, std of samples, each (C,)."""
+    acc = torch.zeros(4, tok.cfg.latent_dim, dtype=torch.float64, device=device)   # count, sum, squares, sigma^2
     for batch in tqdm(R.pass_loader(dataset, batch_size, workers, n_images, rank, world, "latent statistics"),
                       desc="latent stats", disable=rank != 0):
         if batch is not None:                                              # None: no readable image in the batch
-            mean = tok.encode(batch[0].to(device))[0].flatten(0, 1).double()   # (B*L, C)
-            acc += torch.stack([torch.full_like(mean[0], len(mean)), mean.sum(0), mean.pow(2).sum(0)])
+            mean, logvar = (m.flatten(0, 1).double() for m in tok.encode(batch[0].to(device)))   # (B*L, C) each
+            acc += torch.stack([torch.full_like(mean[0], len(mean)), mean.sum(0), mean.pow(2).sum(0),
+                                logvar.exp().sum(0)])
     if world > 1:
         dist.all_reduce(acc)
     if not acc[0, 0]:
         raise ValueError("none of the images could be read: no latent statistics")
     mu = acc[1] / acc[0]
-    return mu.float(), (acc[2] / acc[0] - mu**2).clamp_min(0).sqrt().float()
+    var_means = (acc[2] / acc[0] - mu**2).clamp_min(0)
+    return mu.float(), var_means.sqrt().float(), (var_means + acc[3] / acc[0]).sqrt().float()
 
 
-def any_rank(flag, world):
-    """True on every rank if it is True on any."""
-    if world > 1:
-        flag = torch.tensor(float(flag), device=torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
-        dist.all_reduce(flag)
-    return bool(flag)
+def store_latent_stats(models, stats, norm, n_images, rank=0):
+    """The chosen statistics into the models' buffers -> the checkpoint's record of them."""
+    mean, std_means, std_samples = stats
+    for m in models:
+        m.latent_mean.copy_(mean)
+        m.latent_std.copy_(std_samples if norm == "samples" else std_means)
+    ratio = std_samples / std_means.clamp_min(1e-12)
+    if rank == 0:
+        print(f"latent statistics of {n_images} images: mean {mean.mean():.3f}, std {models[0].latent_std.mean():.3f} "
+              f"(channel averages), normalised by the std of posterior {norm}; std of samples / std of means per "
+              f"channel: {ratio.min():.2f} to {ratio.max():.2f}")
+    return {"norm": norm, "images": n_images, "std_means": std_means.cpu(), "std_samples": std_samples.cpu()}
 
 
 MODEL_FLAGS = ("img_size", "patch_size", "latent_dim", "encoder", "decoder", "sem_decoder", "teacher")
@@ -181,190 +194,265 @@ def main(args):
     torch.manual_seed(args.seed + rank)
     if args.stats_only and (args.decoder_finetune or args.resume):
         raise ValueError("--stats_only only measures the statistics of --init_from: drop --decoder_finetune and --resume")
-    resume, ckpt_path, log_path = R.start_run(args, "tokenizer", rank)
+    with R.run_lock(args.out, rank):
+        inputs = [args.init_from, args.data_path, args.class_list, args.teacher_ckpt, args.vgg_ckpt, args.lpips_ckpt,
+                  args.convnext_ckpt]
+        resume, ckpt_path, log_path = R.start_run(args, "tokenizer", rank, inputs)
+        recipe, stage2 = resolve_recipe(args, resume, ckpt_path)
+        if args.stats_only:
+            return stats_only(args, recipe, ckpt_path, rank, world, device)
+        with R.memory_guard(recipe.batch_size // world, recipe.img_size):
+            run = build(args, recipe, stage2, resume, ckpt_path, rank, world, device)
+            if run.progress.step >= run.total:
+                print(f"{ckpt_path} is a finished run (step {run.progress.step} of {run.total}); nothing to do")
+                return ckpt_path
+            with R.stop_guard(run.progress, rank):
+                train(run, args, log_path, resume)
+            if run.progress.step == run.total:
+                finish(run, args)
+    return ckpt_path
+
+
+def resolve_recipe(args, resume, ckpt_path):
+    """The preset, then decoder fine-tuning's settings, then the flags; a resumed run keeps its own recipe and model.
+    -> (recipe, stage2)"""
     if (args.decoder_finetune or args.stats_only) and not (args.init_from or resume):
         raise ValueError("--decoder_finetune and --stats_only need --init_from TOKENIZER_CKPT")
-
-    # The recipe: the preset, then the stage-2 settings, then explicit flags. A resumed run keeps its own model.
-    if resume and "opt" not in resume:
+    if resume and resume.get("stage") == 0:
         raise ValueError(f"{ckpt_path} holds latent statistics, not a training run (--stats_only made it): use it as --init_from")
+    if resume and resume["stage"] == 1 and args.decoder_finetune:
+        raise ValueError(f"{ckpt_path} is a stage-1 run, which --resume continues as such: drop --decoder_finetune, or "
+                         "fine-tune into another --out with --init_from")
+    if resume and any(getattr(args, k) not in (None, resume["recipe"].get(k)) for k in MODEL_FLAGS):
+        given = " --".join(k for k in MODEL_FLAGS if getattr(args, k) is not None)
+        raise ValueError(f"--resume keeps the model of {ckpt_path}: drop --{given}")
     stage2 = args.decoder_finetune or bool(resume and resume["stage"] == 2)
-    recipe = R.TokenizerRecipe(**resume["recipe"]) if resume else R.PRESETS[args.preset]["tokenizer"]
-    if resume and any(getattr(args, k) not in (None, resume["recipe"][k]) for k in MODEL_FLAGS):
-        raise ValueError(f"--resume keeps the model of {ckpt_path}: drop --{' --'.join(k for k in MODEL_FLAGS if getattr(args, k) is not None)}")
+    recipe = R.recipe_from(R.TokenizerRecipe, resume["recipe"], ckpt_path) if resume else R.PRESETS[args.preset]["tokenizer"]
     if args.decoder_finetune and not resume:  # official run_decoder_finetune_tokenizer.sh
         recipe = replace(recipe, epochs=recipe.ft_epochs, blr=recipe.ft_blr, warmup_epochs=recipe.ft_warmup_epochs,
                          gan_start_epoch=0.0, mask_ratio_max=0.0, noise=False, kl_weight=0.0, sem_weight=0.0)
     recipe = R.override(recipe, args)
+    idx = R.idx_folder(args.data_path) if args.data_path else None
     if recipe.teacher == "shapes" and args.data_path:                      # the shapes teacher knows only the shapes
         if args.teacher:
-            raise ValueError("--teacher shapes is trained on the embedded shapes; for --data_path choose a VFM")
-        recipe = replace(recipe, teacher="dinov3_vits16")
+            raise ValueError("--teacher shapes is trained on the embedded shapes; for --data_path choose 'idx' "
+                             "(MNIST-format data) or a VFM")
+        recipe = replace(recipe, teacher="idx" if idx else "dinov3_vits16")
+    if recipe.teacher == "idx" and not idx:
+        raise ValueError("--teacher idx is trained on MNIST-format data: pass --data_path FOLDER_OF_IDX_FILES")
     if recipe.img_size % recipe.patch_size:
         raise ValueError(f"--img_size {recipe.img_size} is not a multiple of --patch_size {recipe.patch_size}")
+    return recipe, stage2
 
-    # Model and EMA. From --init_from: raw weights into the model, EMA weights into the EMA (official).
-    if resume:
-        model = R.RecTok(R.TokenizerConfig(**resume["config"]))
-    elif args.init_from:
-        model = R.load_model(args.init_from, "tokenizer", ema=False)
+
+@torch.no_grad()
+def stats_only(args, recipe, ckpt_path, rank, world, device):
+    """Measure and store the latent statistics of an existing tokenizer (ours or official)."""
+    model = R.load_model(args.init_from, "tokenizer", ema=False)
+    ema = R.load_model(args.init_from, "tokenizer", ema=True).to(device).eval()
+    c = model.cfg
+    recipe = replace(recipe, img_size=c.img_size, patch_size=c.patch_size, latent_dim=c.latent_dim)
+    dataset = R.dataset_from_args(args, recipe.img_size, n=recipe.train_images)
+    batch = max(recipe.batch_size // world, 1)
+    with R.memory_guard(batch, recipe.img_size):
+        stats = measure_latent_stats(ema, dataset, args.stats_images, batch, device, rank, world, args.workers)
+    n_stats = min(args.stats_images or len(dataset), len(dataset))
+    record = store_latent_stats([model, ema], stats, recipe.latent_norm, n_stats, rank)
+    if rank == 0:
+        R.save_checkpoint(ckpt_path, {"kind": "tokenizer", "config": asdict(ema.cfg), "recipe": asdict(recipe),
+                                      "stage": 0, "step": 0, "model": model.state_dict(), "ema": ema.state_dict(),
+                                      "latent_stats": record, "data": dataset.identity()})
+        print(f"latent statistics of {args.init_from} -> {ckpt_path}")
+    return ckpt_path
+
+
+def build(args, recipe, stage2, resume, ckpt_path, rank, world, device):
+    """Teacher, tokenizer and EMA, losses, optimisers and data, in the order that fixes the random streams."""
+    run = SimpleNamespace(recipe=recipe, stage2=stage2, rank=rank, world=world, device=device, teacher=None)
+    model = R.load_model(args.init_from, "tokenizer", ema=False) if args.init_from and not resume else None
+    if model is not None:  # From --init_from: raw weights into the model, EMA weights into the EMA (official).
         c = model.cfg
-        recipe = replace(recipe, img_size=c.img_size, patch_size=c.patch_size, latent_dim=c.latent_dim)
-    if args.stats_only:  # measure and store the latent statistics of an existing tokenizer (ours or official)
-        ema = R.load_model(args.init_from, "tokenizer", ema=True).to(device).eval()
-        dataset = R.dataset_from_args(args, recipe.img_size)
-        mean, std = measure_latent_stats(ema, dataset, args.stats_images, max(recipe.batch_size // world, 1), device, rank, world, args.workers)
-        for m in (model, ema):
-            m.latent_mean.copy_(mean), m.latent_std.copy_(std)
-        if rank == 0:
-            R.save_checkpoint(ckpt_path, {"kind": "tokenizer", "config": asdict(ema.cfg), "recipe": asdict(recipe), "stage": 0,
-                                          "step": 0, "model": model.state_dict(), "ema": ema.state_dict(),
-                                          "stats_images": min(args.stats_images or len(dataset), len(dataset))})
-            print(f"latent statistics of {args.init_from} -> {ckpt_path}")
-        return ckpt_path
-    teacher = None
+        run.recipe = recipe = replace(recipe, img_size=c.img_size, patch_size=c.patch_size, latent_dim=c.latent_dim)
     if recipe.sem_weight > 0:
-        grid = recipe.img_size // recipe.patch_size
-        teacher = (R.ShapesTeacher.cached(recipe.img_size, recipe.patch_size, args.num_classes or 10) if recipe.teacher == "shapes"
-                   else R.Teacher(recipe.teacher, grid, args.teacher_ckpt)).to(device)
-    if not (resume or args.init_from):
-        model = R.RecTok(tokenizer_config(recipe, teacher.dim if teacher else 0))
-    ema = R.load_model(args.init_from, "tokenizer", ema=True) if args.init_from and not resume else copy.deepcopy(R.broadcast(model, world))
+        run.teacher = make_teacher(args, recipe).to(device)
+    if model is None:
+        teacher_dim = run.teacher.dim if run.teacher else 0
+        model = R.RecTok(R.TokenizerConfig(**resume["config"]) if resume else tokenizer_config(recipe, teacher_dim))
+    ema = R.load_model(args.init_from, "tokenizer", ema=True) if args.init_from and not resume else copy.deepcopy(
+        R.broadcast(model, world))
     if stage2:  # decoder fine-tuning: no semantic decoder; the encoder is frozen (the EMA then copies it)
-        model.drop_semantic_decoder(), ema.drop_semantic_decoder()
+        model.drop_semantic_decoder()
+        ema.drop_semantic_decoder()
         model.encoder.requires_grad_(False)
-    if teacher and teacher.dim != model.cfg.teacher_dim:
-        raise ValueError(f"teacher {recipe.teacher} gives {teacher.dim}-d features but the tokenizer's semantic decoder "
-                         f"predicts {model.cfg.teacher_dim}-d ones (sem_weight 0 trains without it)")
-    model, ema = model.to(device), ema.to(device).eval().requires_grad_(False)
+    if run.teacher and run.teacher.dim != model.cfg.teacher_dim:
+        raise ValueError(f"teacher {recipe.teacher} gives {run.teacher.dim}-d features but the tokenizer's semantic "
+                         f"decoder predicts {model.cfg.teacher_dim}-d ones (sem_weight 0 trains without it)")
+    run.model, run.ema = model.to(device), ema.to(device).eval().requires_grad_(False)
+    build_losses(run, args, resume)
+    run.net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
+    R.maybe_compile([m for m in (model.encoder, model.decoder, model.sem_decoder) if m is not None], args.compile)
+    build_data(run, args, resume, ckpt_path)
+    return run
 
-    # Losses and optimisers: AdamW (0.9, 0.95), wd 1e-4 without norms/biases/embeddings; D has its own.
+
+def make_teacher(args, recipe):
+    if recipe.teacher in ("shapes", "idx"):
+        idx = R.idx_folder(args.data_path) if recipe.teacher == "idx" else None
+        return R.ClassTeacher.cached(recipe.img_size, recipe.patch_size, args.num_classes or 10, idx)
+    return R.Teacher(recipe.teacher, recipe.img_size // recipe.patch_size, args.teacher_ckpt)
+
+
+def build_losses(run, args, resume):
+    """Losses and optimisers: AdamW (0.9, 0.95), wd 1e-4 without norms/biases/embeddings; D has its own."""
+    recipe = run.recipe
     lpips = LPIPS(args.vgg_ckpt, args.lpips_ckpt) if recipe.perceptual_weight > 0 else None
     convnext = ConvNeXtLogits(args.convnext_ckpt) if lpips and recipe.convnext else None
     weights = {"pixel": 1.0, "perceptual": recipe.perceptual_weight, "kl": recipe.kl_weight,
                "semantic": recipe.sem_weight, "gan": recipe.gan_weight}
-    loss_fn = R.TokenizerLoss(weights, lpips, convnext).to(device)
-    disc = loss_fn.discriminator
-    peak_lr = recipe.blr * recipe.batch_size / 256
-    opt = torch.optim.AdamW(param_groups(model, recipe.weight_decay), lr=peak_lr, betas=(0.9, 0.95))
-    d_opt = torch.optim.AdamW(param_groups(disc, recipe.weight_decay), lr=peak_lr, betas=(0.9, 0.95))
-    step = 0
+    run.loss_fn = R.TokenizerLoss(weights, lpips, convnext).to(run.device)
+    run.disc = run.loss_fn.discriminator
+    run.peak_lr = recipe.blr * recipe.batch_size / 256
+    run.opt = torch.optim.AdamW(param_groups(run.model, recipe.weight_decay), lr=run.peak_lr, betas=(0.9, 0.95))
+    run.d_opt = torch.optim.AdamW(param_groups(run.disc, recipe.weight_decay), lr=run.peak_lr, betas=(0.9, 0.95))
     if resume:
-        model.load_state_dict(resume["model"]), ema.load_state_dict(resume["ema"]), disc.load_state_dict(resume["disc"])
-        opt.load_state_dict(resume["opt"]), d_opt.load_state_dict(resume["d_opt"])
-        step = resume["step"]
-    R.broadcast(disc, world)
-    net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
-    R.maybe_compile([m for m in (model.encoder, model.decoder, model.sem_decoder) if m is not None], args.compile)
+        for part, key in ((run.model, "model"), (run.ema, "ema"), (run.disc, "disc"), (run.opt, "opt"),
+                          (run.d_opt, "d_opt")):
+            part.load_state_dict(resume[key])
+    R.broadcast(run.disc, run.world)
+    run.trainable = [p for p in run.model.parameters() if p.requires_grad]
 
-    dataset = R.dataset_from_args(args, recipe.img_size)
-    batch = recipe.batch_size // world
-    steps_per_epoch = len(dataset) // recipe.batch_size
-    if recipe.batch_size % world or steps_per_epoch == 0:
-        raise ValueError(f"batch size {recipe.batch_size} must divide by {world} processes and fit the {len(dataset)} images")
-    total = args.steps or round(recipe.epochs * steps_per_epoch)
-    if resume and step >= total:
-        print(f"{ckpt_path} is a finished run (step {step} of {total}); nothing to do")
-        return ckpt_path
-    if args.stop_at is not None and not step < args.stop_at <= total:
-        raise ValueError(f"--stop_at {args.stop_at} must lie after the current step {step} and at most at the last, {total}")
-    cached = teacher is not None and not recipe.flip and args.data_path is None
-    if cached:  # a fixed, unflipped dataset: its teacher features never change, compute them once
-        dataset = WithTeacherFeatures(dataset, teacher, device)
-    held = R.dataset_from_args(args, recipe.img_size, train=False)     # progress grids: 8 images spread over the classes
+
+def build_data(run, args, resume, ckpt_path):
+    """The training images (bound to the checkpoint's), the step count, and 8 held-out images for progress grids."""
+    recipe, world = run.recipe, run.world
+    run.dataset = R.dataset_from_args(args, recipe.img_size, n=recipe.train_images)
+    run.data_id = R.check_same_data(resume, run.dataset, ckpt_path, args.allow_new_data)
+    run.batch, run.steps_per_epoch = recipe.batch_size // world, len(run.dataset) // recipe.batch_size
+    if recipe.batch_size % world or run.steps_per_epoch == 0:
+        raise ValueError(f"batch size {recipe.batch_size} must divide by {world} processes and fit the "
+                         f"{len(run.dataset)} images")
+    run.total = args.steps or round(recipe.epochs * run.steps_per_epoch)
+    if run.total == 0:
+        raise ValueError(f"--epochs {recipe.epochs:g} is 0 steps of {recipe.batch_size} on {len(run.dataset)} images: "
+                         "raise --epochs or pass --steps")
+    run.progress = R.Progress(ckpt_path, resume["step"] if resume else 0, resumed=bool(resume))
+    step = run.progress.step
+    if args.stop_at is not None and step < run.total and not step < args.stop_at <= run.total:
+        raise ValueError(f"--stop_at {args.stop_at} must lie after the current step {step} and at most at the last, "
+                         f"{run.total}")
+    run.cached = run.teacher is not None and not recipe.flip and args.data_path is None
+    if run.cached and step < run.total:  # a fixed, unflipped dataset: its teacher features never change
+        run.dataset = WithTeacherFeatures(run.dataset, run.teacher, run.device)
+    held = R.dataset_from_args(args, recipe.img_size, train=False)     # progress grids: 8 images over the classes
     show = [item[0] for item in map(held.__getitem__, R.spread_subset(held.labels, 8).tolist()) if item is not None]
     if not show:
         raise ValueError("none of the images could be read")
-    show = torch.stack(show).to(device)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if rank == 0:
-        print(f"tokenizer {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, stage {2 if stage2 else 1}, "
-              f"{len(dataset)} images, {total} steps of {recipe.batch_size}, lr {peak_lr:.2e}, device {device}")
-    saved = (ckpt_path, step) if resume else None                          # the last checkpoint written
+    run.show = torch.stack(show).to(run.device)
+    if run.rank == 0:
+        print(f"tokenizer {sum(p.numel() for p in run.model.parameters()) / 1e6:.2f}M params, stage "
+              f"{2 if run.stage2 else 1}, {len(run.dataset)} images, {run.total} steps of {recipe.batch_size}, "
+              f"lr {run.peak_lr:.2e}, device {run.device}")
 
-    def checkpoint():
-        nonlocal saved
-        rngs = R.gathered_rng_states(world)
-        if rank == 0:
-            R.save_checkpoint(ckpt_path, {"kind": "tokenizer", "config": asdict(model.cfg), "recipe": asdict(recipe),
-                                          "stage": 2 if stage2 else 1, "step": step, "model": model.state_dict(),
-                                          "ema": ema.state_dict(), "disc": disc.state_dict(), "opt": opt.state_dict(),
-                                          "d_opt": d_opt.state_dict(), "rng": rngs})
-        saved = (ckpt_path, step)
 
-    def update(img, extra, lr, frac_epoch):
-        """One optimisation step on a batch -> the named loss terms and the gradient norm."""
-        img = img.to(device)
-        target = extra.to(device) if cached else None                      # extra: label, or cached teacher features
-        if recipe.flip:                                                    # flips from the global RNG: resumable
-            flip = torch.rand(img.shape[0], device=device) < 0.5
-            img = torch.where(flip[:, None, None, None], img.flip(-1), img)
-        for group in opt.param_groups + d_opt.param_groups:
-            group["lr"] = lr
-        mask_ratio = R.sample_mask_ratio(recipe.mask_ratio_max) if recipe.mask_ratio_max > 0 else 0.0
-        with R.autocast(device):
-            recon, sem, kl = net(img, mask_ratio, recipe.noise)
-            if teacher is not None and target is None:
-                target = teacher(img)
-        gan = recipe.gan_weight > 0 and frac_epoch >= recipe.gan_start_epoch
-        terms = loss_fn(img, recon, kl, sem, target, gan)                  # fp32
-        loss = loss_fn.total(terms)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, recipe.grad_clip)
-        R.check_finite(step, saved, world, loss=loss, **terms, grad_norm=grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)                                    # no stale gradients during the next forward
-        R.ema_update(ema, model, recipe.ema)
-        if gan:  # discriminator step after the generator step, hinge loss, its own optimiser
-            d_loss = loss_fn.discriminator_loss(img, recon)
-            d_loss.backward()
-            if world > 1:
-                for p in disc.parameters():
-                    dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
-            d_norm = torch.nn.utils.clip_grad_norm_(disc.parameters(), recipe.grad_clip)
-            R.check_finite(step, saved, world, disc=d_loss, disc_grad_norm=d_norm)
-            d_opt.step()
-            d_opt.zero_grad(set_to_none=True)
-            terms["disc"] = d_loss.detach()
-        return {"loss": loss, **terms, "grad_norm": grad_norm}
+def update(run, img, extra, lr, frac_epoch):
+    """One optimisation step on a batch -> the named loss terms and the gradient norm."""
+    recipe, device = run.recipe, run.device
+    img = img.to(device)
+    target = extra.to(device) if run.cached else None                      # extra: label, or cached teacher features
+    if recipe.flip:                                                        # flips from the global RNG: resumable
+        flip = torch.rand(img.shape[0], device=device) < 0.5
+        img = torch.where(flip[:, None, None, None], img.flip(-1), img)
+    for group in run.opt.param_groups + run.d_opt.param_groups:
+        group["lr"] = lr
+    mask_ratio = R.sample_mask_ratio(recipe.mask_ratio_max) if recipe.mask_ratio_max > 0 else 0.0
+    with R.autocast(device):
+        recon, sem, kl = run.net(img, mask_ratio, recipe.noise)
+        if run.teacher is not None and target is None:
+            target = run.teacher(img)
+    gan = recipe.gan_weight > 0 and frac_epoch >= recipe.gan_start_epoch
+    terms = run.loss_fn(img, recon, kl, sem, target, gan)                  # fp32
+    loss = run.loss_fn.total(terms)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.trainable, recipe.grad_clip)
+    R.check_finite(run.progress, run.world, run.rank, loss=loss, **terms, grad_norm=grad_norm)
+    run.opt.step()
+    run.opt.zero_grad(set_to_none=True)                                    # no stale gradients during the next forward
+    R.ema_update(run.ema, run.model, recipe.ema)
+    if gan:  # discriminator step after the generator step, hinge loss, its own optimiser
+        d_loss = run.loss_fn.discriminator_loss(img, recon)
+        d_loss.backward()
+        if run.world > 1:
+            for p in run.disc.parameters():
+                dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+        d_norm = torch.nn.utils.clip_grad_norm_(run.disc.parameters(), recipe.grad_clip)
+        R.check_finite(run.progress, run.world, run.rank, disc=d_loss, disc_grad_norm=d_norm)
+        run.d_opt.step()
+        run.d_opt.zero_grad(set_to_none=True)
+        terms["disc"] = d_loss.detach()
+    return {"loss": loss, **terms, "grad_norm": grad_norm}
 
+
+def checkpoint(run, **extra):
+    rngs = R.gathered_rng_states(run.world)
+    if run.rank == 0:
+        R.save_checkpoint(run.progress.ckpt_path, {
+            "kind": "tokenizer", "config": asdict(run.model.cfg), "recipe": asdict(run.recipe),
+            "stage": 2 if run.stage2 else 1, "step": run.progress.step, "model": run.model.state_dict(),
+            "ema": run.ema.state_dict(), "disc": run.disc.state_dict(), "opt": run.opt.state_dict(),
+            "d_opt": run.d_opt.state_dict(), "rng": rngs, "data": run.data_id, **extra})
+    run.progress.saved = run.progress.step
+
+
+def train(run, args, log_path, resume):
+    """The step loop: log, progress grids, checkpoints; a stop signal saves at the next step and ends the run."""
+    recipe, progress, rank, world = run.recipe, run.progress, run.rank, run.world
     if resume:  # last, so that nothing in the set-up above shifts the random streams
         R.set_rng_state(resume["rng"][rank] if rank < len(resume["rng"]) else resume["rng"][0])
-    bar = tqdm(total=total, initial=step, disable=rank != 0, dynamic_ncols=True)
-    t_last, s_last = time.time(), step
-    while step < total and step != args.stop_at:
-        epoch = step // steps_per_epoch
-        loader = R.epoch_loader(dataset, batch, epoch, args.seed, step % steps_per_epoch, rank, world, args.workers)
+    bar = tqdm(total=run.total, initial=progress.step, disable=rank != 0, dynamic_ncols=True)
+    t_last, s_last = time.time(), progress.step
+    while progress.step < run.total and progress.step != args.stop_at:
+        step = progress.step
+        loader = R.epoch_loader(run.dataset, run.batch, step // run.steps_per_epoch, args.seed,
+                                step % run.steps_per_epoch, rank, world, args.workers)
         for data in loader:
-            lr = cosine_lr(step / steps_per_epoch, peak_lr, recipe.warmup_epochs, total / steps_per_epoch)
+            epoch = progress.step / run.steps_per_epoch
+            lr = cosine_lr(epoch, run.peak_lr, recipe.warmup_epochs, run.total / run.steps_per_epoch)
             # data is None where none of the batch's images could be read (on any rank): the step passes idle.
-            idle = any_rank(data is None, world)
-            values = None if idle else update(*data, lr, step / steps_per_epoch)
-            step += 1
+            values = None if R.any_rank(data is None, world) else update(run, *data, lr, epoch)
+            progress.step = step = progress.step + 1
             bar.update(1)
-            if values and rank == 0 and (step % args.log_every == 0 or step == total):
+            if values and (step % args.log_every == 0 or step == run.total):
+                values = R.global_mean(values, world)
                 rate = (step - s_last) / (time.time() - t_last)
                 t_last, s_last = time.time(), step
-                R.log_json(log_path, {"step": step, "epoch": round(step / steps_per_epoch, 3), "lr": lr,
-                                      **{k: v.item() for k, v in values.items()}, "steps_per_s": rate,
-                                      "images_per_s": rate * recipe.batch_size})
-                bar.set_postfix({k: f"{v.item():.4g}" for k, v in values.items() if k not in ("loss", "grad_norm")})
-            if rank == 0 and (step % args.image_every == 0 or step == total):
-                R.save_grid(torch.cat([show * 0.5 + 0.5, ema.reconstruct(show)]), os.path.join(args.out, f"recon_{step:06d}.png"))
-            if step == args.stop_at or (step % args.ckpt_every == 0 and step < total):
-                checkpoint()
-            if step in (total, args.stop_at):
+                if rank == 0:
+                    R.log_json(log_path, {"step": step, "epoch": round(step / run.steps_per_epoch, 3), "lr": lr,
+                                          **values, "steps_per_s": rate, "images_per_s": rate * recipe.batch_size})
+                bar.set_postfix({k: f"{v:.4g}" for k, v in values.items() if k not in ("loss", "grad_norm")})
+            if rank == 0 and (step % args.image_every == 0 or step == run.total):
+                grid = torch.cat([run.show * 0.5 + 0.5, run.ema.reconstruct(run.show)])
+                R.save_grid(grid, os.path.join(args.out, f"recon_{step:06d}.png"))
+            stop = R.any_rank(progress.signal is not None, world)
+            if stop or step == args.stop_at or (step % args.ckpt_every == 0 and step < run.total):
+                checkpoint(run)
+            if stop:
+                raise SystemExit(f"{progress.signal or 'a stop signal'} at step {step}: saved {progress.ckpt_path}; "
+                                 "continue with --resume" if rank == 0 else 1)
+            if step in (run.total, args.stop_at):
                 break
     bar.close()
-    if step == total:
-        mean, std = measure_latent_stats(ema, R.dataset_from_args(args, recipe.img_size), args.stats_images,
-                                         batch, device, rank, world, args.workers)
-        for m in (model, ema):
-            m.latent_mean.copy_(mean), m.latent_std.copy_(std)
-        checkpoint()
-        if rank == 0:
-            print(f"latent stats stored in {ckpt_path}: mean {mean.mean():.3f}, std {std.mean():.3f} (channel averages)")
-    return ckpt_path
+
+
+def finish(run, args):
+    """Measure the latent statistics on the training images and store them with the final checkpoint."""
+    data = R.dataset_from_args(args, run.recipe.img_size, n=run.recipe.train_images)
+    stats = measure_latent_stats(run.ema, data, args.stats_images, run.batch, run.device, run.rank, run.world,
+                                 args.workers)
+    n_stats = min(args.stats_images or len(data), len(data))
+    checkpoint(run, latent_stats=store_latent_stats([run.model, run.ema], stats, run.recipe.latent_norm, n_stats,
+                                                    run.rank))
+    if run.rank == 0:
+        print(f"latent statistics stored in {run.progress.ckpt_path}")
 
 
 class WithTeacherFeatures(torch.utils.data.Dataset):
