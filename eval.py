@@ -13,7 +13,7 @@ the class accuracy of samples and a Frechet distance in its feature space.
   python eval.py stats --data_path IMAGENET/val --out val_256.npz                # reference mu, sigma
   python eval.py gen --samples samples.npz --ref_stats VIRTUAL_imagenet256_labeled.npz   # FID, IS
   python eval.py gen --samples runs/quick_dit/samples.npz --shapes               # class accuracy, FD
-  python eval.py probe --ckpt runs/tok/ckpt.pt                                   # linear probe along the flow + PCA picture
+  python eval.py probe --ckpt runs/tok/ckpt.pt                                   # linear probe along the flow, PCA
 """
 import argparse
 import glob
@@ -25,7 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from torchvision.models.inception import BasicConv2d, Inception3, InceptionA, InceptionAux, InceptionB, InceptionC, InceptionD, InceptionE
+from torchvision.models.inception import (BasicConv2d, Inception3, InceptionA, InceptionAux, InceptionB, InceptionC,
+                                         InceptionD, InceptionE)
 from tqdm import tqdm
 
 import rectok as R
@@ -133,7 +134,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     root1 = (v * np.sqrt(clean(w))) @ v.T
     m = root1 @ s2 @ root1
     diff = np.asarray(mu1, np.float64) - np.asarray(mu2, np.float64)
-    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(clean(np.linalg.eigvalsh((m + m.T) / 2))).sum())
+    trace_root = np.sqrt(clean(np.linalg.eigvalsh((m + m.T) / 2))).sum()
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * trace_root)
 
 
 def inception_score(logits, splits=10, seed=2020):
@@ -165,7 +167,8 @@ def ssim(x, y):
     var_x, var_y = F.conv2d(x * x, w, groups=3) - mu_x**2, F.conv2d(y * y, w, groups=3) - mu_y**2
     cov = F.conv2d(x * y, w, groups=3) - mu_x * mu_y
     c1, c2 = 0.01**2, 0.03**2
-    return ((2 * mu_x * mu_y + c1) * (2 * cov + c2) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))).flatten(1).mean(1)
+    ssim_map = (2 * mu_x * mu_y + c1) * (2 * cov + c2) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return ssim_map.flatten(1).mean(1)
 
 
 def linear_probe(train_x, train_y, val_x, val_y, num_classes, epochs=200, lr=1e-2):
@@ -204,7 +207,8 @@ def class_judge(size, device, idx_folder=None, num_classes=10):
                              nn.Flatten(), nn.Linear(128, num_classes))
     if idx_folder is None:
         key, seed, epochs = f"shapes_classifier_{size}px_{num_classes}", 0, 6
-        train, held = (lambda: R.shapes_batches(6000, size, num_classes, seed=0)), R.Shapes(1000, size, num_classes, seed=1)
+        held = R.Shapes(1000, size, num_classes, seed=1)
+        train = lambda: R.shapes_batches(6000, size, num_classes, seed=0)  # noqa: E731
     else:
         data, held = R.IdxImages(idx_folder, "train", size), R.IdxImages(idx_folder, "t10k", size)
         num_classes, seed, epochs = len(data.classes), 3, 3
@@ -309,7 +313,8 @@ def recon(args, device):
     metric_name(min(args.num_images or len(data), len(data)), args, what)  # refuses small FID before the work
     ref = load_ref(args.ref_stats) if args.ref_stats else None
     scores, feats_real, feats_rec, correct = [], [], [], []
-    for batch in tqdm(R.pass_loader(data, args.batch_size, args.workers, args.num_images, what="reconstruction"), desc="reconstructing"):
+    loader = R.pass_loader(data, args.batch_size, args.workers, args.num_images, what="reconstruction")
+    for batch in tqdm(loader, desc="reconstructing"):
         if batch is None:
             continue
         img, label = batch[0].to(device), batch[1]
@@ -324,7 +329,8 @@ def recon(args, device):
     if not scores:
         raise ValueError("none of the images could be read")
     scores, n = torch.cat(scores), len(torch.cat(correct))
-    fd = checked_fd(torch.cat(feats_rec), ref or feature_stats(torch.cat(feats_real)), args.ref_stats or "the originals")
+    ref = ref or feature_stats(torch.cat(feats_real))
+    fd = checked_fd(torch.cat(feats_rec), ref, args.ref_stats or "the originals")
     print(f"reconstruction of {n} held-out images ({args.data_path or 'embedded shapes, seed 1'}), EMA weights")
     print(f"  PSNR {scores[:, 0].mean():.2f} dB   SSIM {scores[:, 1].mean():.4f}   r{metric_name(n, args, what)} "
           f"vs {os.path.basename(args.ref_stats) if args.ref_stats else 'the originals'}: {fd:.3f}")
@@ -338,7 +344,8 @@ def stats(args, device):
     data = R.ImageFolderSubset(args.data_path, args.img_size, args.num_classes, args.images_per_class)
     net = load_inception(args.inception, args.fid_input).to(device)
     loader = R.pass_loader(data, args.batch_size, args.workers, args.num_images, what="reference statistics")
-    pool = features(net, (uint8_values(b[0]) for b in tqdm(loader, desc="inception features") if b is not None), device)[0]
+    batches = (uint8_values(b[0]) for b in tqdm(loader, desc="inception features") if b is not None)
+    pool = features(net, batches, device)[0]
     if len(pool) < 2:
         raise ValueError(f"reference statistics need at least 2 readable images, got {len(pool)}")
     mu, sigma = feature_stats(pool)
@@ -451,10 +458,12 @@ def probe(args, device):
     val = (R.dataset_from_args(args, tok.cfg.img_size, train=False) if not args.val_path else
            R.ImageFolderSubset(args.val_path, tok.cfg.img_size, train.classes, args.images_per_class))
     g = torch.Generator().manual_seed(0)
-    (train_x, train_y), (val_x, val_y) = (latents_along_flow(tok, d, args, device, g, w) for d, w in ((train, "probe train"), (val, "probe val")))
+    train_x, train_y = latents_along_flow(tok, train, args, device, g, "probe train")
+    val_x, val_y = latents_along_flow(tok, val, args, device, g, "probe val")
     K = len(train.classes)
     if len(train_y) < 2 or not len(val_y):
-        raise ValueError(f"a probe needs at least 2 training and 1 held-out readable images, got {len(train_y)} and {len(val_y)}")
+        raise ValueError(f"a probe needs at least 2 training and 1 held-out readable images, got {len(train_y)} and "
+                         f"{len(val_y)}")
     with torch.enable_grad():
         accs = {t: linear_probe(train_x[i], train_y, val_x[i], val_y, K) for i, t in enumerate(args.probe_ts)}
     print(f"linear probe, {len(train_y)} train / {len(val_y)} val images, {K} classes (chance {1 / K:.1%}):")
@@ -484,8 +493,8 @@ def get_args(argv=None):
     p.add_argument("--img_size", type=R.POS_INT, default=256, help="stats: ADM centre-crop size")
     p.add_argument("--probe_ts", type=R.FRACTION, nargs="+", default=[0.2, 0.4, 0.6, 0.8, 1.0])
     p.add_argument("--inception", help="pt_inception-2015-12-05-6726825d.pth (default: torch hub cache or URL)")
-    p.add_argument("--fid_input", choices=["tf1", "pytorch-fid"], default="tf1", help="FID input path: torch-fidelity's "
-                   "TF1 resize (the official evaluation, ADM reference statistics) or pytorch-fid's")
+    p.add_argument("--fid_input", choices=["tf1", "pytorch-fid"], default="tf1", help="FID input path: "
+                   "torch-fidelity's TF1 resize (the official evaluation, ADM reference statistics) or pytorch-fid's")
     p.add_argument("--allow_small", action="store_true", help="compute FID on fewer than 2048 images")
     p.add_argument("--batch_size", type=R.POS_INT, default=50)
     p.add_argument("--workers", type=R.NONNEG_INT, default=0)
@@ -495,7 +504,8 @@ def get_args(argv=None):
 def main(args):
     needs = {"recon": "ckpt", "probe": "ckpt", "gen": "samples", "stats": "data_path"}
     if getattr(args, needs[args.mode]) is None or (args.mode == "stats" and not args.out):
-        raise ValueError(f"eval.py {args.mode} needs --{needs[args.mode]}" + (" and --out" if args.mode == "stats" else ""))
+        also = " and --out" if args.mode == "stats" else ""
+        raise ValueError(f"eval.py {args.mode} needs --{needs[args.mode]}{also}")
     if args.mode == "probe" and args.data_path and not (args.val_path or R.idx_folder(args.data_path)):
         raise ValueError("probe on a folder needs --val_path VAL_FOLDER")
     if args.mode == "probe" and not args.out:

@@ -8,9 +8,10 @@ RAD), plus the DiT^DH generator and the rectified-flow sampler that are trained 
 
 The file reads top to bottom in the paper's order: 1. building blocks (RMSNorm, the two RoPE recipes, attention,
 SwiGLU, one ViT body); 2. the tokenizer (encoder, posterior, pixel and semantic decoders); 3. FSD and RAD (the
-flow and its shift, the frozen teacher, masking); 4. losses (semantic, KL, PatchGAN); 5. DiT^DH; 6. rectified flow (velocity loss, time
-grid, Euler/Heun, CFG, AutoGuidance); 7. data (ADM crop, image folders, embedded shapes); 8. presets, safe
-checkpoint loading (ours and the released ones), training and command-line helpers.
+flow and its shift, the frozen teacher, masking); 4. losses (semantic, KL, PatchGAN); 5. DiT^DH; 6. rectified
+flow (velocity loss, time grid, Euler/Heun, CFG, AutoGuidance); 7. data (ADM crop, image folders, MNIST-format
+files, embedded shapes); 8. presets, safe checkpoint loading (ours and the released ones), training and
+command-line helpers.
 Written against the official code (github.com/Shi-qingyu/RecTok at ee87aaf), with ideas from nanoGPT, DiT,
 MAE, minRF and SiT. Where it departs from the official code it says so; README.md lists every difference.
 Tests: python -m pytest -q test_rectok.py
@@ -382,15 +383,18 @@ class Teacher(nn.Module):
                           "use it for tests, benchmarks and offline smoke runs only.")
             with torch.random.fork_rng(devices=[]):                         # the same random teacher every time
                 torch.manual_seed(0)
-                model = timm.create_model(arch, pretrained=False, img_size=self.res, **({"depth": 2} if name == "random" else {}))
+                depth = {"depth": 2} if name == "random" else {}
+                model = timm.create_model(arch, pretrained=False, img_size=self.res, **depth)
         else:  # timm loads weight files with weights_only=True (or safetensors): no code runs
             try:
                 if ckpt and not os.path.isfile(ckpt):
                     raise FileNotFoundError(f"{ckpt} does not exist")
-                model = timm.create_model(arch, pretrained=True, img_size=self.res, pretrained_cfg_overlay=dict(file=ckpt) if ckpt else None)
+                overlay = dict(file=ckpt) if ckpt else None
+                model = timm.create_model(arch, pretrained=True, img_size=self.res, pretrained_cfg_overlay=overlay)
             except Exception as e:
-                raise FileNotFoundError(f"could not load teacher {name!r} (timm {arch}): {str(e).splitlines()[0]}. Get "
-                                        f"model.safetensors from Hugging Face timm/{arch} and pass --teacher_ckpt PATH") from e
+                raise FileNotFoundError(f"could not load teacher {name!r} (timm {arch}): {str(e).splitlines()[0]}. "
+                                        f"Get model.safetensors from Hugging Face timm/{arch} and pass --teacher_ckpt "
+                                        "PATH") from e
         self.model = model.eval().requires_grad_(False)
         self.dim = model.num_features
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
@@ -436,62 +440,6 @@ class ClassTeacher(Encoder):
         return net
 
 
-def shapes_batches(n, size, num_classes, seed):
-    """n embedded shapes rendered once -> (images(idx) -> (B, 3, S, S), labels (n,))."""
-    data = Shapes(n, size, num_classes, seed=seed)
-    x = torch.stack([data[i][0] for i in range(n)])
-    return (lambda idx: x[idx]), torch.tensor(data.labels)
-
-
-def trained_classifier(make, logits, key, train, held, seed, epochs, batch=50, lr=2e-3):
-    """A small network trained once and cached in the torch hub folder as rectok_{key}.pt: cross-entropy on
-    logits(net, x), (B, K) or one class per token (B, L, K). train() -> (images(idx) -> (B, 3, S, S) in [-1, 1],
-    labels (N,)); held: the labelled Dataset that scores it. Under torchrun rank 0 trains and writes it, the others
-    wait and read it. -> (frozen net, held-out accuracy)"""
-    path = os.path.join(torch.hub.get_dir(), f"rectok_{key}.pt")
-    with torch.random.fork_rng(devices=[]):                                # the caller's random streams stay as they were
-        torch.manual_seed(seed)
-        net = make()
-        if not os.path.isfile(path) and not (dist.is_initialized() and dist.get_rank()):
-            writable(torch.hub.get_dir(), folder=True)                     # before the work, not after it
-            with lock_file(path + ".lock", f"the cached {key}", wait=True):   # one process trains it, others wait
-                if not os.path.isfile(path):
-                    images, labels = train()
-                    with torch.enable_grad():
-                        fit_classifier(net, logits, images, labels, epochs, batch, lr, key)
-                    save_checkpoint(path, {"model": net.state_dict(), "val_acc": classifier_accuracy(net, logits, held)})
-    if dist.is_initialized():
-        dist.barrier()
-    state = load_state(path, f"the cached {key}")
-    try:
-        net.load_state_dict(state["model"])
-    except (RuntimeError, KeyError, TypeError) as e:
-        raise ValueError(f"the cached {key} at {path} does not fit this network: delete it to train it again") from e
-    print(f"{key}: {state['val_acc']:.1%} of {len(held)} held-out images named ({path})")
-    return net.eval().requires_grad_(False), state["val_acc"]
-
-
-def fit_classifier(net, logits, images, labels, epochs, batch, lr, what):
-    opt = torch.optim.AdamW(net.parameters(), lr=lr)
-    for _ in tqdm(range(epochs), desc=f"training the {what} (once)"):
-        for idx in torch.randperm(len(labels)).split(batch):
-            out = logits(net, images(idx))                                 # (B, K) or (B, L, K)
-            target = labels[idx].repeat_interleave(out[0].numel() // out.shape[-1])
-            loss = F.cross_entropy(out.flatten(0, -2), target)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-
-@torch.no_grad()
-def classifier_accuracy(net, logits, held):
-    hits = []
-    for x, y in torch.utils.data.DataLoader(held, 250):
-        out = logits(net.eval(), x)
-        hits.append(out.view(len(x), -1, out.shape[-1]).mean(1).argmax(1) == y)
-    return torch.cat(hits).float().mean().item()
-
-
 def sample_mask_ratio(max_ratio=0.4, min_ratio=-0.1):
     """RAD mask ratio, one per step: max(0, U(-0.1, 0.4)), so 20% of the steps see no mask."""
     return max(0.0, torch.empty(()).uniform_(min_ratio, max_ratio).item())
@@ -505,9 +453,10 @@ def random_masking(B, L, n_keep, device=None):
 
 
 # =====================================================================================================
-# 4. Losses (the paper's training objective; official utils/losses.py). Images enter in [-1, 1]; terms are computed in fp32
-#    on [0, 1] with the reconstruction left unclamped, as the official code does. The two pretrained perceptual
-#    networks (LPIPS-VGG, ConvNeXt-S logits) live in train_tokenizer.py, their only user, as eval.py holds its Inception.
+# 4. Losses (the paper's training objective; official utils/losses.py). Images enter in [-1, 1]; terms are
+#    computed in fp32 on [0, 1] with the reconstruction left unclamped, as the official code does. The two
+#    pretrained perceptual networks (LPIPS-VGG, ConvNeXt-S logits) live in train_tokenizer.py, their only user,
+#    as eval.py holds its Inception.
 # =====================================================================================================
 
 
@@ -524,7 +473,8 @@ def load_weights(path, url, filename, flag):
     if path or os.path.isfile(cached):
         return load_state(path or cached, flag if path else "cached weight file")
     try:
-        return torch.hub.load_state_dict_from_url(url, file_name=filename, map_location="cpu", progress=False, weights_only=True)
+        return torch.hub.load_state_dict_from_url(url, file_name=filename, map_location="cpu", progress=False,
+                                                  weights_only=True)
     except Exception as e:
         raise FileNotFoundError(f"could not download {filename} from {url} ({type(e).__name__}); "
                                 f"put the file at {cached} or pass {flag} PATH") from e
@@ -535,7 +485,8 @@ def patchgan(ndf=64, n_layers=3):
     layers, ch = [nn.Conv2d(3, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)], ndf
     for n in range(1, n_layers + 1):
         out = ndf * min(2**n, 8)
-        layers += [nn.Conv2d(ch, out, 4, 2 if n < n_layers else 1, 1, bias=False), nn.BatchNorm2d(out), nn.LeakyReLU(0.2, True)]
+        conv = nn.Conv2d(ch, out, 4, 2 if n < n_layers else 1, 1, bias=False)
+        layers += [conv, nn.BatchNorm2d(out), nn.LeakyReLU(0.2, True)]
         ch = out
     return nn.Sequential(*layers, nn.Conv2d(ch, 1, 4, 1, 1))
 
@@ -669,18 +620,19 @@ class DiTDH(nn.Module):
         nn.init.normal_(self.y_embedder.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for mod in [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]:
+        zero_init = [b.adaLN_modulation[-1] for b in self.blocks]
+        for mod in zero_init + [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]:
             nn.init.zeros_(mod.weight)
             nn.init.zeros_(mod.bias)
 
     def forward(self, x, t, y):
         """x_t (B, C, h, w), t (B,) with 1 = data, y (B,) labels (num_classes = null) -> velocity (B, C, h, w)."""
         te = self.t_embedder(t)                                            # (B, De)
-        c = F.silu(te + self.y_embedder(y))                                # (B, De); adaLN applies SiLU again (official)
+        c = F.silu(te + self.y_embedder(y))                                # (B, De); adaLN's SiLU again (official)
         s = self.s_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # (B, L, De)
         for block in self.blocks[: self.depth]:
             s = block(s, c, self.rope_backbone)
-        s = self.s_projector(F.silu(te[:, None] + s))                      # (B, L, Dh): head condition, time but no label
+        s = self.s_projector(F.silu(te[:, None] + s))                      # (B, L, Dh): time but no label
         h = self.x_embedder(x).flatten(2).transpose(1, 2)                  # (B, L, Dh), no absolute positions
         for block in self.blocks[self.depth:]:
             h = block(h, s, self.rope_head)
@@ -718,7 +670,8 @@ def guided_velocity(model, x, t, y, cfg=1.0, interval=(0.0, 1.0), bad_model=None
     if bad_model is not None:
         v, v_bad = model(x, t, y), bad_model(x, t, y)
     else:
-        v, v_bad = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, model.num_classes)])).chunk(2)
+        null = torch.full_like(y, model.num_classes)
+        v, v_bad = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
     on = ((t >= interval[0]) & (t <= interval[1])).view(-1, 1, 1, 1)
     return torch.where(on, v_bad + cfg * (v - v_bad), v)
 
@@ -829,8 +782,8 @@ class ImageFolderSubset(torch.utils.data.Dataset):
             raise FileNotFoundError(f"data folder {root!r} does not exist")
         folders, files = listdir(root, folders=True), listdir(root, folders=False)
         if folders and files:
-            raise ValueError(f"{root!r} holds {len(files)} images beside {len(folders)} class folders: move them into a "
-                             "class folder, or point --data_path at a folder that holds only images (one class)")
+            raise ValueError(f"{root!r} holds {len(files)} images beside {len(folders)} class folders: move them into "
+                             "a class folder, or point --data_path at a folder that holds only images (one class)")
         found = folders or (["."] if files else [])                        # a flat folder: one class
         if not found:
             raise ValueError(f"{root!r} holds no images and no class sub-folders (expected {root}/CLASS/IMAGE.JPEG)")
@@ -838,7 +791,7 @@ class ImageFolderSubset(torch.utils.data.Dataset):
         self.unreadable, self.samples = set(), []
         for label, name in enumerate(self.classes):
             files = listdir(os.path.join(root, name), folders=False)[:per_class]
-            if not files:                                                  # as torchvision's ImageFolder: no silent label shift
+            if not files:                                                  # as ImageFolder: no silent label shift
                 raise ValueError(f"class folder {os.path.join(root, name)!r} holds no images "
                                  f"({', '.join(IMAGE_EXTENSIONS)})")
             self.samples += [(os.path.join(root, name, f), label) for f in files]
@@ -858,7 +811,7 @@ class ImageFolderSubset(torch.utils.data.Dataset):
         try:
             with Image.open(path) as im:
                 return to_tensor(center_crop_arr(to_rgb(im), self.size)), label
-        except Exception as e:                                             # PIL raises many kinds; all mean "unreadable"
+        except Exception as e:                                             # PIL raises many kinds: all "unreadable"
             if path not in self.unreadable:
                 self.unreadable.add(path)
                 warnings.warn(f"skipping unreadable image {path} ({type(e).__name__}: {e})")
@@ -886,7 +839,8 @@ IDX_NAMES = [f"{split}-{kind}" for split in ("train", "t10k") for kind in ("imag
 
 def idx_path(folder, name):
     """folder/name or folder/name.gz, the uncompressed one first; None if neither exists."""
-    return next((p for p in (os.path.join(folder, name), os.path.join(folder, name + ".gz")) if os.path.isfile(p)), None)
+    paths = (os.path.join(folder, name), os.path.join(folder, name + ".gz"))
+    return next((p for p in paths if os.path.isfile(p)), None)
 
 
 def idx_folder(path):
@@ -952,7 +906,9 @@ class IdxImages(torch.utils.data.Dataset):
     def half(self, k):
         """The first (k = 0) or second (k = 1) half of the split -> (images(idx) -> (B, 3, S, S), labels)."""
         n = len(self) // 2
-        return (lambda idx: torch.stack([self[i + k * n][0] for i in idx.tolist()])), torch.tensor(self.labels[k * n:][:n])
+        def images(idx):
+            return torch.stack([self[i + k * n][0] for i in idx.tolist()])
+        return images, torch.tensor(self.labels[k * n:][:n])
 
 
 def collate(batch):
@@ -980,10 +936,11 @@ def render_shape(label, size, g):
     u = ((xx - cx) * th.cos() + (yy - cy) * th.sin()) / rad                # shape frame, unit radius
     v = (-(xx - cx) * th.sin() + (yy - cy) * th.cos()) / rad
     box = lambda w, h: torch.maximum(u.abs() - w, v.abs() - h)            # noqa: E731
+    sides = lambda: torch.stack([v * math.cos(k) + u * math.sin(k) for k in (0, 2.0944, 4.1888)])  # noqa: E731
     kind = SHAPE_KINDS[label % len(SHAPE_KINDS)]
-    sdf = {"circle": lambda: (u**2 + v**2).sqrt() - 1,
+    sdf = {"circle": lambda: (u**2 + v**2).sqrt() - 1,                     # signed distance: < 0 inside
            "square": lambda: box(0.8, 0.8),
-           "triangle": lambda: torch.stack([v * math.cos(k) + u * math.sin(k) for k in (0, 2.0944, 4.1888)]).max(0).values - 0.5,
+           "triangle": lambda: sides().amax(0) - 0.5,
            "ring": lambda: ((u**2 + v**2).sqrt() - 0.75).abs() - 0.25,
            "cross": lambda: torch.minimum(box(1.0, 0.3), box(0.3, 1.0))}[kind]()
     mask = torch.sigmoid(-sdf * rad * size)[None]                          # ~1-pixel anti-aliased edge
@@ -1013,75 +970,108 @@ class Shapes(torch.utils.data.Dataset):
         return render_shape(self.labels[i], self.size, g), self.labels[i]
 
 
+# --- The small networks of the small datasets: the ClassTeacher above, and eval.py's judge.
+
+
+def shapes_batches(n, size, num_classes, seed):
+    """n embedded shapes rendered once -> (images(idx) -> (B, 3, S, S), labels (n,))."""
+    data = Shapes(n, size, num_classes, seed=seed)
+    x = torch.stack([data[i][0] for i in range(n)])
+    return (lambda idx: x[idx]), torch.tensor(data.labels)
+
+
+def trained_classifier(make, logits, key, train, held, seed, epochs, batch=50, lr=2e-3):
+    """A small network trained once and cached in the torch hub folder as rectok_{key}.pt: cross-entropy on
+    logits(net, x), (B, K) or one class per token (B, L, K). train() -> (images(idx) -> (B, 3, S, S) in [-1, 1],
+    labels (N,)); held: the labelled Dataset that scores it. Under torchrun rank 0 trains and writes it, the others
+    wait and read it. -> (frozen net, held-out accuracy)"""
+    path = os.path.join(torch.hub.get_dir(), f"rectok_{key}.pt")
+    with torch.random.fork_rng(devices=[]):                                # the caller's random streams stay put
+        torch.manual_seed(seed)
+        net = make()
+        if not os.path.isfile(path) and not (dist.is_initialized() and dist.get_rank()):
+            writable(torch.hub.get_dir(), folder=True)                     # before the work, not after it
+            with lock_file(path + ".lock", f"the cached {key}", wait=True):   # one process trains it, others wait
+                if not os.path.isfile(path):
+                    images, labels = train()
+                    with torch.enable_grad():
+                        fit_classifier(net, logits, images, labels, epochs, batch, lr, key)
+                    accuracy = classifier_accuracy(net, logits, held)
+                    save_checkpoint(path, {"model": net.state_dict(), "val_acc": accuracy})
+    if dist.is_initialized():
+        dist.barrier()
+    state = load_state(path, f"the cached {key}")
+    try:
+        net.load_state_dict(state["model"])
+    except (RuntimeError, KeyError, TypeError) as e:
+        raise ValueError(f"the cached {key} at {path} does not fit this network: delete it to train it again") from e
+    print(f"{key}: {state['val_acc']:.1%} of {len(held)} held-out images named ({path})")
+    return net.eval().requires_grad_(False), state["val_acc"]
+
+
+def fit_classifier(net, logits, images, labels, epochs, batch, lr, what):
+    opt = torch.optim.AdamW(net.parameters(), lr=lr)
+    for _ in tqdm(range(epochs), desc=f"training the {what} (once)"):
+        for idx in torch.randperm(len(labels)).split(batch):
+            out = logits(net, images(idx))                                 # (B, K) or (B, L, K)
+            target = labels[idx].repeat_interleave(out[0].numel() // out.shape[-1])
+            loss = F.cross_entropy(out.flatten(0, -2), target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+
+@torch.no_grad()
+def classifier_accuracy(net, logits, held):
+    hits = []
+    for x, y in torch.utils.data.DataLoader(held, 250):
+        out = logits(net.eval(), x)
+        hits.append(out.view(len(x), -1, out.shape[-1]).mean(1).argmax(1) == y)
+    return torch.cat(hits).float().mean().item()
+
+
 # =====================================================================================================
 # 8. Presets and checkpoints
 # =====================================================================================================
 
 VIT_SIZES = {  # (width, depth, heads): the official SIZE_DICT, plus the CPU-sized micro of the quick preset
-    "micro": (96, 2, 3), "tiny": (192, 3, 4), "small": (512, 8, 8), "base": (768, 12, 12), "large": (1024, 24, 16)}
-DIT_SIZES = {  # (backbone, head), each (width, depth, heads); every official size has the head (2048, 2, 16)
-    "micro": ((128, 4, 2), (192, 1, 3)), "quick": ((192, 6, 3), (256, 1, 4)), "S": ((384, 12, 6), (2048, 2, 16)), "B": ((768, 12, 12), (2048, 2, 16)),
-    "L": ((1024, 24, 16), (2048, 2, 16)), "XL": ((1152, 28, 16), (2048, 2, 16))}
-
-
-@dataclass
-class TokenizerConfig:  # the model's shape; sizes are (width, depth, heads); teacher_dim 0: no semantic decoder
-    img_size: int = 256; patch_size: int = 16; latent_dim: int = 128
-    encoder: tuple = VIT_SIZES["base"]; decoder: tuple = VIT_SIZES["base"]; sem_decoder: tuple = VIT_SIZES["tiny"]
-    teacher_dim: int = 1024
-
-
-@dataclass
-class DiTConfig:  # grid: the latent grid (tokenizer img_size / patch_size)
-    grid: int = 16; latent_dim: int = 128; num_classes: int = 1000; patch_size: int = 1
-    backbone: tuple = DIT_SIZES["XL"][0]; head: tuple = DIT_SIZES["XL"][1]
-
-
-@dataclass
-class TokenizerRecipe:
-    """Everything train_tokenizer.py takes from a preset; each field is also a flag of the same name. Defaults are
-    the paper's stage 1 (official run_train_tokenizer.sh); the ft_ fields are decoder fine-tuning's."""
-    img_size: int = 256; patch_size: int = 16; latent_dim: int = 128
-    encoder: str = "base"; decoder: str = "base"; sem_decoder: str = "tiny"; teacher: str = "dinov3_vitl16"
-    batch_size: int = 1024; epochs: float = 200; blr: float = 1e-4; warmup_epochs: float = 50  # global; lr = blr*batch/256
-    weight_decay: float = 1e-4; grad_clip: float = 3.0; ema: float = 0.999
-    mask_ratio_max: float = 0.4; noise: bool = True; flip: bool = True                      # RAD, FSD, data
-    perceptual_weight: float = 1.0; convnext: bool = True; kl_weight: float = 1e-6; sem_weight: float = 1.0
-    gan_weight: float = 0.1; gan_start_epoch: float = 100          # 0.1: the official effective value (paper: 0.5)
-    ft_epochs: float = 100; ft_blr: float = 5e-5; ft_warmup_epochs: float = 5
-    latent_norm: str = "means"     # the DiT's latents / std of posterior means (official) or of posterior samples
-    train_images: int = None       # train on this many images spread over the classes (None: all; shapes: 4,000)
-
-
-@dataclass
-class DiTRecipe:
-    """Everything train_dit.py takes from a preset (official run_train_diffusion.sh for the paper). The lr is
-    constant until decay_start_epoch, then linear to min_lr; sample_steps: progress grids (official: 50 points)."""
-    model: str = "XL"; patch_size: int = 1; flip: bool = True; batch_size: int = 1024; epochs: float = 800
-    lr: float = 2e-4; min_lr: float = 2e-5; decay_start_epoch: float = 40; decay_end_epoch: float = 800
-    grad_clip: float = 1.0; ema: float = 0.9995; label_drop: float = 0.1; sample_steps: int = 49
-    train_images: int = None       # train on this many images spread over the classes (None: all; shapes: 4,000)
-
-
-PRESETS = {
-    # CPU in minutes on the embedded shapes: small widths, 64 px, patch 8 (8x8 tokens), C = 16, the shapes
-    # teacher (DINOv3-S/16 on a --data_path). Perceptual and ConvNeXt terms are off (they need pretrained
-    # VGG/ConvNeXt weights and dominate the CPU cost).
-    "quick": {"tokenizer": TokenizerRecipe(
-                  img_size=64, patch_size=8, latent_dim=16, encoder="micro", decoder="micro",
-                  sem_decoder="micro", teacher="shapes", flip=False, batch_size=32, epochs=16, blr=8e-3,
-                  warmup_epochs=0.5, ema=0.995, perceptual_weight=0.0, convnext=False, gan_weight=0.0,
-                  ft_epochs=8, ft_blr=4e-3, ft_warmup_epochs=0.2, train_images=4000),
-              "dit": DiTRecipe(model="quick", patch_size=2, batch_size=64, epochs=24, lr=2e-3, min_lr=2e-4,
-                               decay_start_epoch=8, decay_end_epoch=24, ema=0.995, sample_steps=24,
-                               train_images=4000)},
-    # One GPU, an ImageNet subset at 256 px: the paper's architecture at a batch one GPU holds.
-    "subset": {"tokenizer": TokenizerRecipe(batch_size=64, epochs=50, warmup_epochs=5, gan_start_epoch=25,
-                                            ft_epochs=10, ft_warmup_epochs=1),
-               "dit": DiTRecipe(model="B", batch_size=128, epochs=200, decay_start_epoch=40, decay_end_epoch=200)},
-    # The paper: ViT-B encoder and decoder, C = 128, DINOv3-L/16, DiT^DH-XL, global batch 1024.
-    "paper": {"tokenizer": TokenizerRecipe(), "dit": DiTRecipe()},
+    "micro": (96, 2, 3),
+    "tiny": (192, 3, 4),
+    "small": (512, 8, 8),
+    "base": (768, 12, 12),
+    "large": (1024, 24, 16),
 }
+DIT_SIZES = {  # (backbone, head), each (width, depth, heads); every official size has the head (2048, 2, 16)
+    "micro": ((128, 4, 2), (192, 1, 3)),                                   # CPU: the Fashion-MNIST ablation
+    "quick": ((192, 6, 3), (256, 1, 4)),                                   # CPU: the quick preset
+    "S": ((384, 12, 6), (2048, 2, 16)),
+    "B": ((768, 12, 12), (2048, 2, 16)),
+    "L": ((1024, 24, 16), (2048, 2, 16)),
+    "XL": ((1152, 28, 16), (2048, 2, 16)),
+}
+
+
+@dataclass
+class TokenizerConfig:
+    """The tokenizer's shape. ViT sizes are (width, depth, heads)."""
+    img_size: int = 256                   # input images are img_size x img_size
+    patch_size: int = 16                  # the latent grid is img_size / patch_size on a side
+    latent_dim: int = 128                 # C, latent channels per token
+    encoder: tuple = VIT_SIZES["base"]
+    decoder: tuple = VIT_SIZES["base"]    # the pixel decoder
+    sem_decoder: tuple = VIT_SIZES["tiny"]
+    teacher_dim: int = 1024               # the semantic decoder's output width (the teacher's); 0: no semantic decoder
+
+
+@dataclass
+class DiTConfig:
+    """The DiT^DH's shape. Sizes are (width, depth, heads)."""
+    grid: int = 16                        # the latent grid (the tokenizer's img_size / patch_size)
+    latent_dim: int = 128                 # C
+    num_classes: int = 1000               # label num_classes is the null label of CFG
+    patch_size: int = 1                   # latent patch size
+    backbone: tuple = DIT_SIZES["XL"][0]
+    head: tuple = DIT_SIZES["XL"][1]      # the wide shallow head
 
 
 def atomic_write(path, write):
@@ -1096,7 +1086,7 @@ def atomic_write(path, write):
             os.fsync(f.fileno())
         os.replace(tmp, path)
         return path
-    except (OSError, RuntimeError) as e:                                   # torch.save wraps a full disk in a RuntimeError
+    except (OSError, RuntimeError) as e:                                   # torch.save wraps a full disk so
         why = e.__context__ if isinstance(e.__context__, OSError) else e
         raise OSError(f"could not write {path} ({str(why).splitlines()[0]}); nothing was left behind") from e
     finally:
@@ -1115,7 +1105,8 @@ def lock_file(path, what, wait=False):
         holder = f.read().strip() or "unknown"
         if not wait:
             f.close()
-            raise ValueError(f"{what} is in use by another process (pid {holder}): let it finish, or choose another") from None
+            raise ValueError(f"{what} is in use by another process (pid {holder}): let it finish, or choose "
+                             "another") from None
         print(f"waiting for process {holder}, which holds {what} ...", flush=True)
         fcntl.flock(f, fcntl.LOCK_EX)
     f.truncate(0)
@@ -1153,7 +1144,8 @@ def load_state(path, what="checkpoint"):
         raise ValueError(f"{what} {path!r} was refused: it holds Python objects besides tensors and plain values, "
                          "and loading them could run code") from e
     except Exception as e:
-        raise ValueError(f"{what} {path!r} is not a readable checkpoint ({type(e).__name__}; corrupt or not a torch file)") from e
+        raise ValueError(f"{what} {path!r} is not a readable checkpoint ({type(e).__name__}; corrupt or not a torch "
+                         "file)") from e
 
 
 def load_checkpoint(path, kind, official=False):
@@ -1203,7 +1195,8 @@ OFFICIAL_RENAMES = [  # (official key prefix or fragment, ours)
 def _rename(sd):
     out = {}
     for k, v in sd.items():
-        k = "sem_decoder." + k.split(".", 2)[2] if k.startswith("sem_decoders.") else k  # sem_decoders.dinov3.* -> sem_decoder.*
+        if k.startswith("sem_decoders."):                                  # sem_decoders.dinov3.* -> sem_decoder.*
+            k = "sem_decoder." + k.split(".", 2)[2]
         for old, new in OFFICIAL_RENAMES:
             k = new + k[len(old):] if k.startswith(old) else k
         out[k] = v
@@ -1253,13 +1246,14 @@ def convert_official_dit(sd, heads=None):
     Dh = sd["x_embedder.weight"].shape[0]
     if De == Dh:
         raise ValueError("backbone and head have the same width: the split between them cannot be read off the shapes")
-    widths = [sd[f"blocks.{i}.norm1.weight"].shape[0] for i in range(len({k.split('.')[1] for k in sd if k.startswith('blocks.')}))]
+    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    widths = [sd[f"blocks.{i}.norm1.weight"].shape[0] for i in range(depth)]
     backbone, head = (De, widths.count(De), _heads(De, heads)), (Dh, widths.count(Dh), _heads(Dh, heads))
-    cfg = DiTConfig(grid=math.isqrt(sd["pos_embed"].shape[1]) * p, latent_dim=C, num_classes=sd["y_embedder.weight"].shape[0] - 1,
-                    patch_size=p, backbone=backbone, head=head)
+    cfg = DiTConfig(grid=math.isqrt(sd["pos_embed"].shape[1]) * p, latent_dim=C,
+                    num_classes=sd["y_embedder.weight"].shape[0] - 1, patch_size=p, backbone=backbone, head=head)
     model = DiTDH(cfg)
     model.load_state_dict(sd, strict=True)                                 # load_model words a failure
-    for name, table in ropes.items():                                      # the official tables are [cos | sin] per buffer
+    for name, table in ropes.items():                                      # official: one buffer per cos, sin
         ours = (model.rope_backbone if name.startswith("enc") else model.rope_head)[0 if name.endswith("cos") else 1]
         if not torch.allclose(ours, table.float(), atol=1e-5):
             raise ValueError(f"official {name} differs from the recomputed RoPE table")
@@ -1310,12 +1304,16 @@ def ema_update(ema, model, decay):
     params = dict(model.named_parameters())
     for name, p_ema in ema.named_parameters():
         p = params[name]
-        p_ema.lerp_(p, 1 - decay) if p.requires_grad else p_ema.copy_(p)
+        if p.requires_grad:
+            p_ema.lerp_(p, 1 - decay)
+        else:
+            p_ema.copy_(p)
 
 
 def gathered_rng_states(world):
     """Every rank's torch RNG states (all randomness of a step), so that each rank resumes its own streams."""
-    states = [{"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}] * world
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+    states = [{"cpu": torch.get_rng_state(), "cuda": cuda}] * world
     if world > 1:
         dist.all_gather_object(states, states[0])
     return states
@@ -1351,7 +1349,8 @@ def stop_guard(progress, rank=0):
     try:
         yield
     except KeyboardInterrupt:
-        raise SystemExit(f"interrupted at step {progress.step}; {progress.last_checkpoint()}" if rank == 0 else 1) from None
+        line = f"interrupted at step {progress.step}; {progress.last_checkpoint()}"
+        raise SystemExit(line if rank == 0 else 1) from None
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -1408,8 +1407,9 @@ def epoch_loader(dataset, batch_size, epoch, seed, skip_batches=0, rank=0, world
     g = torch.Generator().manual_seed(seed * 10_007 + epoch)
     n = len(dataset) // (batch_size * world) * batch_size * world          # drop the ragged end
     order = torch.randperm(len(dataset), generator=g)[:n][rank::world][skip_batches * batch_size:]
-    return torch.utils.data.DataLoader(dataset, batch_size, sampler=order.tolist(), num_workers=workers, collate_fn=collate,
-                                       drop_last=True, generator=g, persistent_workers=False, pin_memory=False)
+    return torch.utils.data.DataLoader(dataset, batch_size, sampler=order.tolist(), num_workers=workers,
+                                       collate_fn=collate, drop_last=True, generator=g, persistent_workers=False,
+                                       pin_memory=False)
 
 
 def spread_subset(labels, n=None, seed=0):
@@ -1429,7 +1429,8 @@ def pass_loader(dataset, batch_size, workers=0, n=None, rank=0, world=1, what="i
     """One pass (statistics, cache, evaluation) over this rank's share of a spread subset; no global RNG draws."""
     idx = spread_subset(dataset.labels, n)
     if rank == 0:
-        print(f"{what}: {len(idx)} of {len(dataset)} images, {len(set(np.asarray(dataset.labels)[idx.numpy()]))} of {len(set(dataset.labels))} classes")
+        covered = len(set(np.asarray(dataset.labels)[idx.numpy()]))
+        print(f"{what}: {len(idx)} of {len(dataset)} images, {covered} of {len(set(dataset.labels))} classes")
     return torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, idx[rank::world].tolist()), batch_size,
                                        num_workers=workers, collate_fn=collate, generator=torch.Generator())
 
@@ -1465,20 +1466,23 @@ def number(kind, low=0.0, high=None, low_ok=False):
     def check(text):
         v = kind(text)
         if not (math.isfinite(v) and (v >= low if low_ok else v > low) and (high is None or v <= high)):
-            raise argparse.ArgumentTypeError(f"must be {'>=' if low_ok else '>'} {low:g}{'' if high is None else f' and <= {high:g}'}, got {text}")
+            upper = "" if high is None else f" and <= {high:g}"
+            raise argparse.ArgumentTypeError(f"must be {'>=' if low_ok else '>'} {low:g}{upper}, got {text}")
         return v
     check.__name__ = kind.__name__
     return check
 
 
-POS_INT, NONNEG_INT, POS_FLOAT, NONNEG_FLOAT = number(int), number(int, low_ok=True), number(float), number(float, low_ok=True)
+POS_INT, POS_FLOAT = number(int), number(float)
+NONNEG_INT, NONNEG_FLOAT = number(int, low_ok=True), number(float, low_ok=True)
 FRACTION = number(float, 0.0, 1.0, low_ok=True)
 
 
-def add_common_args(parser):
+def add_common_args(parser, presets):
     """Flags shared by the two training scripts: data, run control, checkpoints."""
     g = parser.add_argument_group("data")
-    g.add_argument("--data_path", help="ImageNet-style train folder (ROOT/CLASS/IMAGE); without it, the embedded shapes")
+    g.add_argument("--data_path", help="ImageNet-style train folder (ROOT/CLASS/IMAGE) or a folder of MNIST-format "
+                   "idx files; without it, the embedded shapes")
     g.add_argument("--num_classes", type=POS_INT, help="use the first N class folders (sorted)")
     g.add_argument("--class_list", help="file with one class folder name per line")
     g.add_argument("--images_per_class", type=POS_INT, help="keep at most N images per class")
@@ -1486,7 +1490,7 @@ def add_common_args(parser):
                    "shapes: render N); default: the preset's (quick: 4,000), else all")
     g.add_argument("--workers", type=NONNEG_INT, default=0, help="DataLoader worker processes (every data pass)")
     g = parser.add_argument_group("run")
-    g.add_argument("--preset", default="quick", choices=list(PRESETS))
+    g.add_argument("--preset", default="quick", choices=list(presets))
     g.add_argument("--out", required=True, help="run folder: checkpoint, log.jsonl, image grids")
     g.add_argument("--resume", action="store_true", help="continue the run in OUT")
     g.add_argument("--overwrite", action="store_true", help="delete the run in OUT and start over")
@@ -1523,12 +1527,15 @@ def dataset_from_args(args, img_size, train=True, n=None):
 def writable(path, folder=False):
     """Stop before any work if path cannot be written: a folder (made if missing), or a file in one."""
     if os.path.exists(path) and os.path.isdir(path) != folder:
-        raise ValueError(f"{path} is {'a file' if folder else 'a folder'}; expected {'a folder' if folder else 'a file name'}")
+        found, expected = ("a file", "a folder") if folder else ("a folder", "a file name")
+        raise ValueError(f"{path} is {found}; expected {expected}")
     where = path if folder else os.path.dirname(os.path.abspath(path))
     try:
         probe = os.path.join(where, f".write_test{os.getpid()}")
-        os.makedirs(where, exist_ok=True), open(probe, "wb").close()
-        return os.remove(probe) or path
+        os.makedirs(where, exist_ok=True)
+        open(probe, "wb").close()
+        os.remove(probe)
+        return path
     except OSError as e:
         raise OSError(f"cannot write to {where}: {e.strerror or e}") from e
 
@@ -1593,7 +1600,8 @@ def recipe_from(cls, saved, path):
     """A recipe dataclass from a checkpoint's plain dict; a field this code does not know is an error."""
     unknown = sorted(set(saved) - {f.name for f in fields(cls)})
     if unknown:
-        raise ValueError(f"{path} comes from another version of this code: its recipe has the unknown field {unknown[0]!r}")
+        raise ValueError(f"{path} comes from another version of this code: its recipe has the unknown field "
+                         f"{unknown[0]!r}")
     return cls(**saved)
 
 

@@ -90,12 +90,14 @@ def load_models(args, device):
         tok.latent_mean.copy_(mean)
         tok.latent_std.copy_(std)
     if not tok.latent_mean.any() and (tok.latent_std == 1).all():
-        raise ValueError(f"no latent statistics for {tok_path}: pass --latent_stats or a tokenizer measured with --stats_only")
+        raise ValueError(f"no latent statistics for {tok_path}: pass --latent_stats or a tokenizer measured with "
+                         "--stats_only")
     if (tok.grid, tok.cfg.latent_dim) != (dit.cfg.grid, dit.cfg.latent_dim):
         raise ValueError(f"tokenizer latent {tok.grid}x{tok.grid}x{tok.cfg.latent_dim} does not fit the DiT's "
                          f"{dit.cfg.grid}x{dit.cfg.grid}x{dit.cfg.latent_dim}")
     bad = R.load_model(args.autoguidance_ckpt, "dit").to(device).eval() if args.autoguidance_ckpt else None
-    if bad is not None and (bad.cfg.grid, bad.cfg.latent_dim, bad.num_classes) != (dit.cfg.grid, dit.cfg.latent_dim, dit.num_classes):
+    shape = (dit.cfg.grid, dit.cfg.latent_dim, dit.num_classes)
+    if bad is not None and (bad.cfg.grid, bad.cfg.latent_dim, bad.num_classes) != shape:
         raise ValueError(f"{args.autoguidance_ckpt} does not fit the DiT's latent and classes")
     return dit, tok, bad
 
@@ -113,7 +115,8 @@ def sample_labels(args, n, num_classes):
     elif args.labels:
         labels = torch.tensor(args.labels).repeat(n // len(args.labels) + 1)[:n]
     else:
-        labels = torch.stack([torch.randint(num_classes, (), generator=image_generator(args.seed, i, 1)) for i in range(n)])
+        draws = [torch.randint(num_classes, (), generator=image_generator(args.seed, i, 1)) for i in range(n)]
+        labels = torch.stack(draws)
     if labels.max() >= num_classes:
         raise ValueError(f"labels must lie in [0, {num_classes - 1}]")
     return labels
@@ -138,7 +141,10 @@ def main(args):
     check_flags(args)
     rank, world, device = R.setup_distributed()
     dit, tok, bad = load_models(args, device)
-    guidance = dict(cfg=args.ag_scale or 1.29, bad_model=bad) if bad else dict(cfg=args.cfg, interval=tuple(args.cfg_interval))
+    if bad:
+        guidance = dict(cfg=args.ag_scale or 1.29, bad_model=bad)
+    else:
+        guidance = dict(cfg=args.cfg, interval=tuple(args.cfg_interval))
     how = f"AutoGuidance {guidance['cfg']}" if bad else f"cfg {args.cfg}"
     N, shape = args.num_images, (dit.cfg.latent_dim, dit.cfg.grid, dit.cfg.grid)
     labels = sample_labels(args, N, dit.num_classes)
@@ -168,7 +174,8 @@ def main(args):
             write_samples(arr, labels, args.out)
     if rank == 0:
         secs = time.time() - t_start
-        print(f"{N} samples, {args.steps} {args.sampler} steps, {how}, {secs:.1f}s ({N / secs:.1f} images/s) -> {args.out}")
+        print(f"{N} samples, {args.steps} {args.sampler} steps, {how}, {secs:.1f}s ({N / secs:.1f} images/s) "
+              f"-> {args.out}")
     return args.out
 
 

@@ -9,8 +9,10 @@ step, the posterior moments (mean, logvar) of every image and of its mirror imag
 on disk; each step draws a fresh posterior sample from them.
 
   python train_dit.py --preset quick --tokenizer runs/quick_tok_ft/ckpt.pt --out runs/quick_dit     # CPU
-  python train_dit.py --preset subset --tokenizer runs/subset_tok_ft/ckpt.pt --data_path IMAGENET/train --num_classes 100 --out runs/subset_dit
-  torchrun --nproc_per_node 8 train_dit.py --preset paper --tokenizer RecTok_decft.pth --latent_stats stats.npz --data_path IMAGENET/train --out runs/paper_dit
+  python train_dit.py --preset subset --tokenizer runs/subset_tok_ft/ckpt.pt --data_path IMAGENET/train \
+      --num_classes 100 --out runs/subset_dit
+  torchrun --nproc_per_node 8 train_dit.py --preset paper --tokenizer RecTok_decft.pth --latent_stats stats.npz \
+      --data_path IMAGENET/train --out runs/paper_dit
 """
 import argparse
 import copy
@@ -21,7 +23,7 @@ import os
 import pickle
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 
 import numpy as np
@@ -32,13 +34,44 @@ from tqdm import tqdm
 import rectok as R
 
 
+@dataclass
+class DiTRecipe:
+    """Everything train_dit.py takes from a preset (official run_train_diffusion.sh for the paper); each field is
+    also a flag of the same name."""
+    model: str = "XL"                     # a DIT_SIZES name
+    patch_size: int = 1
+    flip: bool = True                     # the latent of the image or of its mirror, at random
+    batch_size: int = 1024                # global
+    epochs: float = 800
+    lr: float = 2e-4                      # constant until decay_start_epoch, then linear to min_lr at decay_end_epoch
+    min_lr: float = 2e-5
+    decay_start_epoch: float = 40
+    decay_end_epoch: float = 800
+    grad_clip: float = 1.0
+    ema: float = 0.9995
+    label_drop: float = 0.1               # probability of the null label (trains CFG's unconditional model)
+    sample_steps: int = 49                # Euler steps of the progress grids (official: 50 points)
+    train_images: int = None              # train on this many images spread over the classes (None: all; shapes: 4,000)
+
+
+PRESETS = {  # the same three names in train_tokenizer.py
+    "quick": DiTRecipe(model="quick", patch_size=2, batch_size=64, epochs=24, lr=2e-3, min_lr=2e-4,
+                       decay_start_epoch=8, decay_end_epoch=24, ema=0.995, sample_steps=24, train_images=4000),
+    "subset": DiTRecipe(model="B", batch_size=128, epochs=200, decay_start_epoch=40, decay_end_epoch=200),
+    "paper": DiTRecipe(),                                                  # DiT^DH-XL, global batch 1024
+}
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    R.add_common_args(p)
+    R.add_common_args(p, PRESETS)
     g = p.add_argument_group("tokenizer and latents")
-    g.add_argument("--tokenizer", required=True, help="tokenizer checkpoint: ours (with latent statistics) or official RecTok_decft.pth")
-    g.add_argument("--latent_stats", help="latent mean/std file (.npz/.pt, or the official stats.pkl), for an official tokenizer")
-    g.add_argument("--latent_cache", help="posterior-moment cache (.npy, default OUT/latents.npy); shareable between runs")
+    g.add_argument("--tokenizer", required=True, help="tokenizer checkpoint: ours (with latent statistics) or "
+                   "official RecTok_decft.pth")
+    g.add_argument("--latent_stats", help="latent mean/std file (.npz/.pt, or the official stats.pkl), for an "
+                   "official tokenizer")
+    g.add_argument("--latent_cache", help="posterior-moment cache (.npy, default OUT/latents.npy); shareable "
+                   "between runs")
     g = p.add_argument_group("model and optimisation (default: from --preset)")
     g.add_argument("--model", choices=list(R.DIT_SIZES))
     g.add_argument("--patch_size", type=R.POS_INT, help="latent patch size of the DiT")
@@ -51,7 +84,8 @@ def get_args(argv=None):
     g.add_argument("--decay_end_epoch", type=R.NONNEG_FLOAT, help="... reaching min_lr here")
     g.add_argument("--grad_clip", type=R.POS_FLOAT)
     g.add_argument("--ema", type=R.FRACTION)
-    g.add_argument("--label_drop", type=R.FRACTION, help="probability of the null label (trains CFG's unconditional model)")
+    g.add_argument("--label_drop", type=R.FRACTION, help="probability of the null label (trains CFG's "
+                   "unconditional model)")
     g.add_argument("--sample_steps", type=R.POS_INT, help="Euler steps of the progress grids")
     return p.parse_args(argv)
 
@@ -59,8 +93,9 @@ def get_args(argv=None):
 class StatsUnpickler(pickle.Unpickler):
     """Reads the official work_dirs/stats.pkl without running code from it: containers, numpy arrays and torch
     tensors only (the official code pickles tensors; their storage is read back with weights_only=True)."""
-    ALLOWED = {("collections", "OrderedDict"), ("numpy", "ndarray"), ("numpy", "dtype"), ("torch._utils", "_rebuild_tensor_v2"),
-               ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct")}
+    ALLOWED = {("collections", "OrderedDict"), ("numpy", "ndarray"), ("numpy", "dtype"),
+               ("torch._utils", "_rebuild_tensor_v2"), ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct")}
 
     def find_class(self, module, name):
         if (module, name) == ("torch.storage", "_load_from_bytes"):
@@ -88,8 +123,10 @@ def read_latent_stats(path, C):
         mean, std = (torch.tensor(np.asarray(v, dtype=np.float32)).reshape(-1) for v in (mean, std))
     except (pickle.UnpicklingError, KeyError, TypeError, ValueError, EOFError) as e:
         raise ValueError(f"latent statistics {path!r} cannot be used: {e}") from e
-    if len(mean) not in (C, 2 * C) or len(std) != len(mean) or not (mean.isfinite().all() and (std > 0).all() and std.isfinite().all()):
-        raise ValueError(f"latent statistics {path!r}: need {C} (or 2C) finite means and positive stds, got {len(mean)} channels")
+    usable = mean.isfinite().all() and std.isfinite().all() and (std > 0).all()
+    if len(mean) not in (C, 2 * C) or len(std) != len(mean) or not usable:
+        raise ValueError(f"latent statistics {path!r}: need {C} (or 2C) finite means and positive stds, got "
+                         f"{len(mean)} channels")
     return mean[:C], std[:C]
 
 
@@ -97,7 +134,8 @@ def fingerprint(module):
     """sha1 of a module's weights: which tokenizer made a latent cache, or trained a DiT."""
     h = hashlib.sha1()
     for name, t in sorted(module.state_dict().items()):
-        h.update(name.encode()), h.update(t.detach().float().cpu().numpy().tobytes())
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -155,7 +193,8 @@ def cache_fits(path, meta, own):
         with open(path + ".json") as f:
             found = json.load(f)
     except (OSError, ValueError) as e:
-        raise ValueError(f"latent cache description {path}.json is unreadable ({e}): delete it to rebuild the cache") from e
+        raise ValueError(f"latent cache description {path}.json is unreadable ({e}): delete it to rebuild the "
+                         "cache") from e
     if found == meta:
         return True
     why = ("another tokenizer" if found.get("tokenizer") != meta["tokenizer"] else
@@ -249,7 +288,7 @@ def resolve_recipe(args, resume, ckpt_path):
     """The preset (or the resumed run's recipe), then the flags."""
     if resume and any(getattr(args, k) not in (None, resume["recipe"].get(k)) for k in ("model", "patch_size")):
         raise ValueError(f"--resume keeps the model of {ckpt_path}: drop --model and --patch_size")
-    recipe = R.recipe_from(R.DiTRecipe, resume["recipe"], ckpt_path) if resume else R.PRESETS[args.preset]["dit"]
+    recipe = R.recipe_from(DiTRecipe, resume["recipe"], ckpt_path) if resume else PRESETS[args.preset]
     recipe = R.override(recipe, args)
     if recipe.decay_end_epoch < recipe.decay_start_epoch:
         raise ValueError(f"--decay_end_epoch {recipe.decay_end_epoch} lies before --decay_start_epoch "
@@ -268,7 +307,9 @@ def load_tokenizer(args, device):
     if not tok.latent_mean.any() and (tok.latent_std == 1).all():
         raise ValueError(f"{args.tokenizer} carries no latent statistics: pass --latent_stats FILE, or measure them "
                          f"with train_tokenizer.py --stats_only --init_from {args.tokenizer}")
-    norm = f"as in {args.latent_stats}" if args.latent_stats else f"by the std of posterior {tok.latent_norm or 'means'}"
+    norm = f"by the std of posterior {tok.latent_norm or 'means'}"
+    if args.latent_stats:
+        norm = f"as in {args.latent_stats}"
     return tok, norm
 
 

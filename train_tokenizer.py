@@ -19,7 +19,7 @@ import copy
 import math
 import os
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from types import SimpleNamespace
 
 import torch
@@ -32,9 +32,59 @@ from tqdm import tqdm
 import rectok as R
 
 
+@dataclass
+class TokenizerRecipe:
+    """Everything train_tokenizer.py takes from a preset; each field is also a flag of the same name. Defaults are
+    the paper's stage 1 (official run_train_tokenizer.sh); the ft_ fields are decoder fine-tuning's."""
+    img_size: int = 256
+    patch_size: int = 16
+    latent_dim: int = 128
+    encoder: str = "base"                 # a VIT_SIZES name
+    decoder: str = "base"
+    sem_decoder: str = "tiny"
+    teacher: str = "dinov3_vitl16"        # a TEACHERS name, or 'shapes' / 'idx' (ClassTeacher)
+    batch_size: int = 1024                # global
+    epochs: float = 200
+    blr: float = 1e-4                     # base lr: lr = blr * batch_size / 256
+    warmup_epochs: float = 50
+    weight_decay: float = 1e-4
+    grad_clip: float = 3.0
+    ema: float = 0.999
+    mask_ratio_max: float = 0.4           # RAD: mask ratio max(0, U(-0.1, this)); 0 = no masking
+    noise: bool = True                    # FSD: noise the latent along the flow
+    flip: bool = True                     # random horizontal flips
+    perceptual_weight: float = 1.0        # LPIPS
+    convnext: bool = True                 # add the 0.1-weighted ConvNeXt-S logit term to the perceptual one
+    kl_weight: float = 1e-6
+    sem_weight: float = 1.0               # FSD/RAD cosine term
+    gan_weight: float = 0.1               # 0.1: the official effective value (paper: 0.5)
+    gan_start_epoch: float = 100
+    ft_epochs: float = 100                # decoder fine-tuning
+    ft_blr: float = 5e-5
+    ft_warmup_epochs: float = 5
+    latent_norm: str = "means"            # the DiT divides by the std of posterior means (official) or samples
+    train_images: int = None              # train on this many images spread over the classes (None: all; shapes: 4,000)
+
+
+PRESETS = {  # the same three names in train_dit.py
+    # CPU in minutes on the embedded shapes or MNIST-format data: small widths, 64 px, patch 8 (8x8 tokens),
+    # C = 16, a ClassTeacher (DINOv3-S/16 on an image folder). Perceptual and ConvNeXt terms are off (they need
+    # pretrained VGG/ConvNeXt weights and dominate the CPU cost).
+    "quick": TokenizerRecipe(img_size=64, patch_size=8, latent_dim=16, encoder="micro", decoder="micro",
+                             sem_decoder="micro", teacher="shapes", flip=False, batch_size=32, epochs=16, blr=8e-3,
+                             warmup_epochs=0.5, ema=0.995, perceptual_weight=0.0, convnext=False, gan_weight=0.0,
+                             ft_epochs=8, ft_blr=4e-3, ft_warmup_epochs=0.2, train_images=4000),
+    # One GPU, an ImageNet subset at 256 px: the paper's architecture at a batch one GPU holds.
+    "subset": TokenizerRecipe(batch_size=64, epochs=50, warmup_epochs=5, gan_start_epoch=25, ft_epochs=10,
+                              ft_warmup_epochs=1),
+    # The paper: ViT-B encoder and decoder, C = 128, DINOv3-L/16, global batch 1024.
+    "paper": TokenizerRecipe(),
+}
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    R.add_common_args(p)
+    R.add_common_args(p, PRESETS)
     g = p.add_argument_group("model (default: from --preset)")
     g.add_argument("--img_size", type=R.POS_INT)
     g.add_argument("--patch_size", type=R.POS_INT)
@@ -55,10 +105,12 @@ def get_args(argv=None):
     g.add_argument("--grad_clip", type=R.POS_FLOAT)
     g.add_argument("--ema", type=R.FRACTION)
     g = p.add_argument_group("losses (default: from --preset)")
-    g.add_argument("--mask_ratio_max", type=R.number(float, 0.0, 0.99, low_ok=True), help="RAD: mask ratio max(0, U(-0.1, this)); 0 = no masking")
+    g.add_argument("--mask_ratio_max", type=R.number(float, 0.0, 0.99, low_ok=True),
+                   help="RAD: mask ratio max(0, U(-0.1, this)); 0 = no masking")
     g.add_argument("--noise", action=argparse.BooleanOptionalAction, help="FSD: noise the latent along the flow")
     g.add_argument("--flip", action=argparse.BooleanOptionalAction, help="random horizontal flips")
-    g.add_argument("--perceptual_weight", type=R.NONNEG_FLOAT, help="LPIPS weight (needs VGG16 + LPIPS weights); 0 = off")
+    g.add_argument("--perceptual_weight", type=R.NONNEG_FLOAT, help="LPIPS weight (needs VGG16 + LPIPS weights); "
+                   "0 = off")
     g.add_argument("--convnext", action=argparse.BooleanOptionalAction, help="add the 0.1 ConvNeXt-S logit term")
     g.add_argument("--kl_weight", type=R.NONNEG_FLOAT)
     g.add_argument("--sem_weight", type=R.NONNEG_FLOAT, help="FSD/RAD semantic cosine weight; 0 = no teacher")
@@ -71,7 +123,8 @@ def get_args(argv=None):
     g.add_argument("--decoder_finetune", action="store_true", help="stage 2: only the pixel decoder trains")
     g.add_argument("--init_from", help="tokenizer checkpoint to start from (ours or official RecTok*.pth)")
     g.add_argument("--stats_only", action="store_true", help="only measure latent mean/std of --init_from")
-    g.add_argument("--stats_images", type=R.POS_INT, help="measure the statistics on N images spread over the classes (default: all)")
+    g.add_argument("--stats_images", type=R.POS_INT, help="measure the statistics on N images spread over the "
+                   "classes (default: all)")
     g.add_argument("--latent_norm", choices=["means", "samples"], help="divide the DiT's latents by the per-channel "
                    "std of posterior means (official, default) or of posterior samples")
     return p.parse_args(argv)
@@ -193,7 +246,8 @@ def main(args):
     rank, world, device = R.setup_distributed()
     torch.manual_seed(args.seed + rank)
     if args.stats_only and (args.decoder_finetune or args.resume):
-        raise ValueError("--stats_only only measures the statistics of --init_from: drop --decoder_finetune and --resume")
+        raise ValueError("--stats_only only measures the statistics of --init_from: drop --decoder_finetune and "
+                         "--resume")
     with R.run_lock(args.out, rank):
         inputs = [args.init_from, args.data_path, args.class_list, args.teacher_ckpt, args.vgg_ckpt, args.lpips_ckpt,
                   args.convnext_ckpt]
@@ -219,7 +273,8 @@ def resolve_recipe(args, resume, ckpt_path):
     if (args.decoder_finetune or args.stats_only) and not (args.init_from or resume):
         raise ValueError("--decoder_finetune and --stats_only need --init_from TOKENIZER_CKPT")
     if resume and resume.get("stage") == 0:
-        raise ValueError(f"{ckpt_path} holds latent statistics, not a training run (--stats_only made it): use it as --init_from")
+        raise ValueError(f"{ckpt_path} holds latent statistics, not a training run (--stats_only made it): use it "
+                         "as --init_from")
     if resume and resume["stage"] == 1 and args.decoder_finetune:
         raise ValueError(f"{ckpt_path} is a stage-1 run, which --resume continues as such: drop --decoder_finetune, or "
                          "fine-tune into another --out with --init_from")
@@ -227,7 +282,9 @@ def resolve_recipe(args, resume, ckpt_path):
         given = " --".join(k for k in MODEL_FLAGS if getattr(args, k) is not None)
         raise ValueError(f"--resume keeps the model of {ckpt_path}: drop --{given}")
     stage2 = args.decoder_finetune or bool(resume and resume["stage"] == 2)
-    recipe = R.recipe_from(R.TokenizerRecipe, resume["recipe"], ckpt_path) if resume else R.PRESETS[args.preset]["tokenizer"]
+    recipe = PRESETS[args.preset]
+    if resume:
+        recipe = R.recipe_from(TokenizerRecipe, resume["recipe"], ckpt_path)
     if args.decoder_finetune and not resume:  # official run_decoder_finetune_tokenizer.sh
         recipe = replace(recipe, epochs=recipe.ft_epochs, blr=recipe.ft_blr, warmup_epochs=recipe.ft_warmup_epochs,
                          gan_start_epoch=0.0, mask_ratio_max=0.0, noise=False, kl_weight=0.0, sem_weight=0.0)
