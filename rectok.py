@@ -1384,7 +1384,9 @@ def check_finite(progress, world, rank=0, **values):
     if world > 1:
         every = [torch.empty_like(vec) for _ in range(world)]
         dist.all_gather(every, vec)
-    bad = [r for r, v in enumerate(every) if not v.isfinite().all()]
+    terms = torch.tensor(["grad_norm" not in k for k in values], device=vec.device)  # a rank's own, not shared
+    bad = ([r for r, v in enumerate(every) if not v[terms].isfinite().all()] or
+           [r for r, v in enumerate(every) if not v.isfinite().all()])  # gradients are all-reduced: alike everywhere
     if bad:
         where = f" on rank {bad[0]}" if world > 1 else ""
         shown = ", ".join(f"{k}={v:.4g}" for k, v in zip(values, every[bad[0]].tolist()))
@@ -1621,6 +1623,8 @@ def run_cli(main, get_args):
     """Run a script. An expected failure (files, permissions, disk, bad data, memory, Ctrl-C) ends in one line,
     not a traceback; open progress bars are closed first, so that the line stands alone."""
     args = get_args()
+    for s in (signal.SIGTERM, signal.SIGUSR1):                             # outside the step loop: stop at once
+        signal.signal(s, stop_now)
     try:
         main(args)
     except BaseException as e:
@@ -1630,6 +1634,10 @@ def run_cli(main, get_args):
         for bar in list(getattr(tqdm, "_instances", ())):
             bar.close()
         sys.exit(message)
+
+
+def stop_now(signum, frame):
+    raise SystemExit(f"stopped by {signal.Signals(signum).name} before the training steps: nothing to save")
 
 
 def cli_message(e, args):
