@@ -190,9 +190,9 @@ def linear_probe(train_x, train_y, val_x, val_y, num_classes, epochs=200, lr=1e-
 # ----------------------------------------------------------------------------- the judge of the small datasets
 
 
-def class_judge(size, device, idx_folder=None, num_classes=10):
+def class_judge(size, device, idx_folder=None, num_classes=10, shapes=6000):
     """A small CNN trained once and cached, which names the class of images holding 0..255 and gives the features
-    of FD. Embedded shapes: 6,000 of seed 0. MNIST-format data: the second half of the train split (the idx teacher
+    of FD. Embedded shapes: `shapes` of seed 0. MNIST-format data: the second half of the train split (the idx teacher
     trained on the first), each image seen at 16 px and standardised to zero mean and unit variance, so that it
     names a blurry or low-contrast sample by its shape (it names 84% of the held-out images as reconstructed by a
     400-step tokenizer, 88% of the originals). Another architecture, seed and images than the teacher's; never a
@@ -208,7 +208,7 @@ def class_judge(size, device, idx_folder=None, num_classes=10):
     if idx_folder is None:
         key, seed, epochs = f"shapes_classifier_{size}px_{num_classes}", 0, 6
         held = R.Shapes(1000, size, num_classes, seed=1)
-        train = lambda: R.shapes_batches(6000, size, num_classes, seed=0)  # noqa: E731
+        train = lambda: R.shapes_batches(shapes, size, num_classes, seed=0)  # noqa: E731
     else:
         data, held = R.IdxImages(idx_folder, "train", size), R.IdxImages(idx_folder, "t10k", size)
         num_classes, seed, epochs = len(data.classes), 3, 3

@@ -1361,11 +1361,16 @@ def memory_guard(batch, img_size):
     """Running out of memory, on the CPU or a GPU, ends in one line that names the sizes to lower."""
     try:
         yield
-    except (RuntimeError, MemoryError) as e:                               # torch.OutOfMemoryError is a RuntimeError
-        if not isinstance(e, (torch.OutOfMemoryError, MemoryError)) and "can't allocate memory" not in str(e):
+    except (RuntimeError, MemoryError) as e:
+        if not out_of_memory(e):
             raise
         raise ValueError(f"out of memory with batches of {batch} images of {img_size} px per process: lower "
                          "--batch_size, or --img_size") from None
+
+
+def out_of_memory(e):
+    """torch.OutOfMemoryError (GPU), MemoryError, or the CPU allocator's RuntimeError."""
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(e)
 
 
 def any_rank(flag, world):
@@ -1401,6 +1406,25 @@ def global_mean(terms, world):
         dist.all_reduce(vec)
         vec /= world
     return dict(zip(terms, vec.tolist()))
+
+
+def plan_steps(args, recipe, n_images, world, resume, ckpt_path):
+    """Per-rank batch, steps per epoch, total steps and where the run stands; a plan of no step is an error.
+    -> (batch, steps_per_epoch, total, Progress)"""
+    steps_per_epoch = n_images // recipe.batch_size
+    if recipe.batch_size % world or steps_per_epoch == 0:
+        raise ValueError(f"batch size {recipe.batch_size} must divide by {world} processes and fit the "
+                         f"{n_images} images")
+    total = args.steps or round(recipe.epochs * steps_per_epoch)
+    if total == 0:
+        raise ValueError(f"--epochs {recipe.epochs:g} is 0 steps of {recipe.batch_size} on {n_images} images: "
+                         "raise --epochs or pass --steps")
+    progress = Progress(ckpt_path, resume["step"] if resume else 0, resumed=bool(resume))
+    step = progress.step
+    if args.stop_at is not None and step < total and not step < args.stop_at <= total:
+        raise ValueError(f"--stop_at {args.stop_at} must lie after the current step {step} and at most at the last, "
+                         f"{total}")
+    return recipe.batch_size // world, steps_per_epoch, total, progress
 
 
 def epoch_loader(dataset, batch_size, epoch, seed, skip_batches=0, rank=0, world=1, workers=0):
@@ -1646,8 +1670,7 @@ def cli_message(e, args):
         return e.code
     if isinstance(e, KeyboardInterrupt):
         return "interrupted"
-    if isinstance(e, MemoryError) or isinstance(e, RuntimeError) and (
-            isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)):
+    if isinstance(e, (RuntimeError, MemoryError)) and out_of_memory(e):
         return f"error: out of memory with --batch_size {getattr(args, 'batch_size', None)}: lower it"
     if isinstance(e, (OSError, ValueError)):
         return f"error: {e}"

@@ -354,6 +354,7 @@ def runs(tmp_path_factory):
     os.environ["TORCH_HOME"] = str(root / "torch_home")
     torch.hub.set_dir(str(root / "torch_home" / "hub"))
     tok = run(train_tokenizer, TOK, root / "tok", "--steps", "4")
+    evaluate.class_judge(32, "cpu", shapes=1000)                          # a cheaper shapes judge, cached for all tests
     return root, tok
 
 
@@ -478,6 +479,15 @@ def test_dit_cache_labels_follow_their_images(runs, tmp_path):
     k = readable.index(True, 3)                                            # a readable image after an unreadable one
     with torch.no_grad():
         assert np.allclose(cache[k, 0, :, :16], model.encode(ds[k][0][None])[0][0].numpy(), atol=1e-3, rtol=1e-2)
+    Image.new("RGB", (40, 50), "white").save(data / "a" / "rgb.png")      # an image replaced in place
+    shared = ["--latent_cache", str(tmp_path / "dit" / "latents.npy")]
+    with pytest.raises(ValueError, match="made from other data .the files. names, sizes"):
+        run(train_dit, DIT, tmp_path / "other", "--tokenizer", tok, "--data_path", str(data), *shared)
+    with pytest.warns(UserWarning):                                        # the run's own cache: built again
+        run(train_dit, DIT, tmp_path / "dit", "--tokenizer", tok, "--data_path", str(data), "--batch_size", "2",
+            "--steps", "1", "--overwrite")
+    i = [os.path.basename(p) for p, _ in ds.samples].index("rgb.png")
+    assert not np.array_equal(np.load(tmp_path / "dit" / "latents.npy", mmap_mode="r")[i], cache[i])
 
 
 class Payload:
@@ -960,6 +970,14 @@ def test_ctrl_c_and_out_of_memory_end_in_one_line(runs, tmp_path, monkeypatch, c
              "out of memory with batches of 8 images of 32 px per process: lower --batch_size, or --img_size", capsys)
 
 
+def test_unwritable_torch_home_stops_before_training(tmp_path, monkeypatch):
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "afile" / "hub"))
+    monkeypatch.setattr(R, "fit_classifier", lambda *a: pytest.fail("trained before checking the torch hub folder"))
+    with pytest.raises(OSError, match="cannot write to .*afile/hub"):
+        evaluate.class_judge(16, "cpu")
+
+
 def hold_lock(path, seconds=60):
     """Another process that holds the lock on path (as a live run would) for a while, or until killed."""
     code = ("import fcntl, os, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
@@ -1028,9 +1046,7 @@ def test_torchrun_logs_and_samples_like_one_process(runs, tmp_path):
     dit = tmp_path / "dit" / "ckpt.pt"
     common = ["--ckpt", dit, "--steps", "2", "--batch_size", "2", "--cfg", "1.5"]
     torchrun(os.path.join(here, "sample.py"), *common, "--num_images", "5", "--out", tmp_path / "two.npz")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, os.path.join(here, "sample.py"), *map(str, common), "--num_images", "7",
-                    "--out", str(tmp_path / "one.npz")], env=env, check=True, capture_output=True)
+    sample.main(sample.get_args([*map(str, common), "--num_images", "7", "--out", str(tmp_path / "one.npz")]))
     two, one = np.load(tmp_path / "two.npz"), np.load(tmp_path / "one.npz")
     assert np.array_equal(two["arr_0"], one["arr_0"][:5]) and np.array_equal(two["labels"], one["labels"][:5])
     torchrun(os.path.join(here, "sample.py"), *common, "--num_images", "1", "--out", tmp_path / "single.npz")

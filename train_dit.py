@@ -331,19 +331,8 @@ def build(args, recipe, tok, resume, ckpt_path, rank, world, device):
     path = args.latent_cache or os.path.join(args.out, "latents.npy")
     run.latents = CachedLatents(*latent_cache(tok, dataset, path, run.flips, device, rank, world, args.workers,
                                               own=args.latent_cache is None))
-    run.batch, run.steps_per_epoch = recipe.batch_size // world, len(run.latents) // recipe.batch_size
-    if recipe.batch_size % world or run.steps_per_epoch == 0:
-        raise ValueError(f"batch size {recipe.batch_size} must divide by {world} processes and fit the "
-                         f"{len(run.latents)} images")
-    run.total = args.steps or round(recipe.epochs * run.steps_per_epoch)
-    if run.total == 0:
-        raise ValueError(f"--epochs {recipe.epochs:g} is 0 steps of {recipe.batch_size} on {len(run.latents)} images: "
-                         "raise --epochs or pass --steps")
-    run.progress = R.Progress(ckpt_path, resume["step"] if resume else 0, resumed=bool(resume))
-    step = run.progress.step
-    if args.stop_at is not None and step < run.total and not step < args.stop_at <= run.total:
-        raise ValueError(f"--stop_at {args.stop_at} must lie after the current step {step} and at most at the last, "
-                         f"{run.total}")
+    plan = R.plan_steps(args, recipe, len(run.latents), world, resume, ckpt_path)
+    run.batch, run.steps_per_epoch, run.total, run.progress = plan
     return run
 
 

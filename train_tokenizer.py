@@ -309,7 +309,7 @@ def stats_only(args, recipe, ckpt_path, rank, world, device):
     ema = R.load_model(args.init_from, "tokenizer", ema=True).to(device).eval()
     c = model.cfg
     recipe = replace(recipe, img_size=c.img_size, patch_size=c.patch_size, latent_dim=c.latent_dim)
-    dataset = R.dataset_from_args(args, recipe.img_size, n=recipe.train_images)
+    dataset = R.dataset_from_args(args, recipe.img_size, n=args.train_images)   # not the preset's: all by default
     batch = max(recipe.batch_size // world, 1)
     with R.memory_guard(batch, recipe.img_size):
         stats = measure_latent_stats(ema, dataset, args.stats_images, batch, device, rank, world, args.workers)
@@ -384,21 +384,10 @@ def build_data(run, args, resume, ckpt_path):
     recipe, world = run.recipe, run.world
     run.dataset = R.dataset_from_args(args, recipe.img_size, n=recipe.train_images)
     run.data_id = R.check_same_data(resume, run.dataset, ckpt_path, args.allow_new_data)
-    run.batch, run.steps_per_epoch = recipe.batch_size // world, len(run.dataset) // recipe.batch_size
-    if recipe.batch_size % world or run.steps_per_epoch == 0:
-        raise ValueError(f"batch size {recipe.batch_size} must divide by {world} processes and fit the "
-                         f"{len(run.dataset)} images")
-    run.total = args.steps or round(recipe.epochs * run.steps_per_epoch)
-    if run.total == 0:
-        raise ValueError(f"--epochs {recipe.epochs:g} is 0 steps of {recipe.batch_size} on {len(run.dataset)} images: "
-                         "raise --epochs or pass --steps")
-    run.progress = R.Progress(ckpt_path, resume["step"] if resume else 0, resumed=bool(resume))
-    step = run.progress.step
-    if args.stop_at is not None and step < run.total and not step < args.stop_at <= run.total:
-        raise ValueError(f"--stop_at {args.stop_at} must lie after the current step {step} and at most at the last, "
-                         f"{run.total}")
+    plan = R.plan_steps(args, recipe, len(run.dataset), world, resume, ckpt_path)
+    run.batch, run.steps_per_epoch, run.total, run.progress = plan
     run.cached = run.teacher is not None and not recipe.flip and args.data_path is None
-    if run.cached and step < run.total:  # a fixed, unflipped dataset: its teacher features never change
+    if run.cached and run.progress.step < run.total:  # a fixed, unflipped dataset: its teacher features never change
         run.dataset = WithTeacherFeatures(run.dataset, run.teacher, run.device)
     held = R.dataset_from_args(args, recipe.img_size, train=False)     # progress grids: 8 images over the classes
     show = [item[0] for item in map(held.__getitem__, R.spread_subset(held.labels, 8).tolist()) if item is not None]
