@@ -511,6 +511,7 @@ def main(args):
     if args.mode == "probe" and not args.out:
         args.out = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "probe_pca.png")
     if args.out:
+        R.not_an_input(args.out, [args.ckpt, args.samples, args.ref_stats, args.inception, args.class_list])
         R.writable(args.out)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return {"recon": recon, "stats": stats, "gen": gen, "probe": probe}[args.mode](args, device)

@@ -10,7 +10,7 @@ The file reads top to bottom in the paper's order: 1. building blocks (RMSNorm, 
 SwiGLU, one ViT body); 2. the tokenizer (encoder, posterior, pixel and semantic decoders); 3. FSD and RAD (the
 flow and its shift, the frozen teacher, masking); 4. losses (semantic, KL, PatchGAN); 5. DiT^DH; 6. rectified
 flow (velocity loss, time grid, Euler/Heun, CFG, AutoGuidance); 7. data (ADM crop, image folders, MNIST-format
-files, embedded shapes); 8. presets, safe checkpoint loading (ours and the released ones), training and
+files, embedded shapes); 8. configs, safe checkpoint loading (ours and the released ones), training and
 command-line helpers.
 Written against the official code (github.com/Shi-qingyu/RecTok at ee87aaf), with ideas from nanoGPT, DiT,
 MAE, minRF and SiT. Where it departs from the official code it says so; README.md lists every difference.
@@ -693,7 +693,7 @@ def sample(model, noise, y, grid, method="euler", trajectory=None, **guidance):
 
 
 # =====================================================================================================
-# 7. Data: ADM centre crop, ImageNet-style folders with a class subset, procedural shapes
+# 7. Data: ADM centre crop, image folders, MNIST-format files, procedural shapes, the small datasets' networks
 # =====================================================================================================
 
 
@@ -1031,7 +1031,7 @@ def classifier_accuracy(net, logits, held):
 
 
 # =====================================================================================================
-# 8. Presets and checkpoints
+# 8. Configs and checkpoints (the training recipes and presets live in the two training scripts)
 # =====================================================================================================
 
 VIT_SIZES = {  # (width, depth, heads): the official SIZE_DICT, plus the CPU-sized micro of the quick preset
@@ -1576,6 +1576,13 @@ def inside(path, folder):
     return os.path.commonpath([path, folder]) == folder
 
 
+def not_an_input(out, inputs, flag="--out"):
+    """An output path must not be one of the command's input files."""
+    for p in inputs:
+        if p and out and os.path.realpath(p) == os.path.realpath(out):
+            raise ValueError(f"{flag} {out} is an input of this command ({p}): choose another path")
+
+
 def start_run(args, kind, rank=0, inputs=()):
     """-> (checkpoint to resume or None, ckpt path, log path). A run is never overwritten by accident, and never
     deleted or overwritten together with one of the command's inputs; on resume log.jsonl keeps only the steps
@@ -1586,6 +1593,9 @@ def start_run(args, kind, rank=0, inputs=()):
     if not (args.resume or args.overwrite) and (os.path.exists(ckpt_path) or os.path.exists(log_path)):
         raise ValueError(f"{args.out} already holds a run: pass --resume to continue it, or --overwrite to delete it "
                          "and start over")
+    if args.data_path and inside(args.out, args.data_path):
+        raise ValueError(f"--out {args.out} lies inside --data_path {args.data_path}: the run's files would become "
+                         "data; choose another --out")
     given = [p for p in inputs if p]
     for p in given if args.overwrite else [p for p in given if inside(p, ckpt_path) or inside(p, log_path)]:
         if inside(p, args.out):

@@ -62,9 +62,7 @@ def check_flags(args):
         raise ValueError("--labels and --class_balanced both choose the labels: pass one")
     if args.trajectory and not args.out.endswith(".png"):
         raise ValueError("--trajectory writes a .png grid: give --out FILE.png")
-    inputs = [args.ckpt, args.tokenizer_ckpt, args.latent_stats, args.autoguidance_ckpt]
-    if any(p and os.path.abspath(p) == os.path.abspath(args.out) for p in inputs):
-        raise ValueError(f"--out {args.out} is one of this command's inputs: choose another name")
+    R.not_an_input(args.out, [args.ckpt, args.tokenizer_ckpt, args.latent_stats, args.autoguidance_ckpt])
     R.writable(args.out, folder=not args.out.endswith((".png", ".npz")))
 
 

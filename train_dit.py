@@ -271,6 +271,7 @@ def main(args):
     with R.run_lock(args.out, rank):
         inputs = [args.tokenizer, args.latent_stats, args.latent_cache, args.data_path, args.class_list]
         resume, ckpt_path, log_path = R.start_run(args, "dit", rank, inputs)
+        R.not_an_input(args.latent_cache, inputs[:2] + inputs[3:] + [ckpt_path, log_path], "--latent_cache")
         recipe = resolve_recipe(args, resume, ckpt_path)
         tok, norm = load_tokenizer(args, device)
         with R.memory_guard(recipe.batch_size // world, tok.cfg.img_size):
