@@ -267,7 +267,7 @@ def load_npz(path, what):
 
 def load_ref(path):
     """Reference statistics: an .npz with mu (2048,) and sigma (2048, 2048), e.g. adm_in256_stats.npz; finite,
-    with a symmetric sigma."""
+    with a symmetric, positive semi-definite sigma."""
     d = load_npz(path, "reference statistics")
     if "mu" not in d or "sigma" not in d or d["mu"].shape != (2048,) or d["sigma"].shape != (2048, 2048):
         raise ValueError(f"{path} holds no Inception reference statistics (mu (2048,), sigma (2048, 2048))")
@@ -276,6 +276,10 @@ def load_ref(path):
         raise ValueError(f"reference statistics {path} hold NaN or infinite values")
     if not np.allclose(sigma, sigma.T, rtol=1e-5, atol=1e-8 * np.abs(sigma).max()):
         raise ValueError(f"reference statistics {path}: sigma is not symmetric, so it is no covariance")
+    low, high = np.linalg.eigvalsh(sigma)[[0, -1]]
+    if low < -1e-4 * max(high, 0.0):                                       # beyond float32 round-off
+        raise ValueError(f"reference statistics {path}: sigma has a negative eigenvalue ({low:.3g}), so it is no "
+                         "covariance")
     return mu, sigma
 
 

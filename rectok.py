@@ -782,8 +782,9 @@ class ImageFolderSubset(torch.utils.data.Dataset):
             raise FileNotFoundError(f"data folder {root!r} does not exist")
         folders, files = listdir(root, folders=True), listdir(root, folders=False)
         if folders and files:
-            raise ValueError(f"{root!r} holds {len(files)} images beside {len(folders)} class folders: move them into "
-                             "a class folder, or point --data_path at a folder that holds only images (one class)")
+            raise ValueError(f"{root!r} holds {len(files)} image file(s) beside {len(folders)} class folder(s): move "
+                             "them into a class folder, or point --data_path at a folder that holds only images "
+                             "(one class)")
         found = folders or (["."] if files else [])                        # a flat folder: one class
         if not found:
             raise ValueError(f"{root!r} holds no images and no class sub-folders (expected {root}/CLASS/IMAGE.JPEG)")
@@ -825,6 +826,8 @@ DATA_FIELDS = {"kind": "the kind of data", "root": "the folder", "split": "the s
 
 def data_changes(old, new):
     """What differs between two datasets' identity() records, in words; [] if nothing."""
+    if old.get("kind") != new.get("kind"):
+        return [f"{DATA_FIELDS['kind']} {old.get('kind')} -> {new.get('kind')}"]
     changed = []
     for key, what in DATA_FIELDS.items():
         a, b = old.get(key), new.get(key)
@@ -1116,13 +1119,17 @@ def lock_file(path, what, wait=False):
 
 
 @contextmanager
-def run_lock(folder, rank=0):
-    """One process per run folder: rank 0 holds OUT/.lock for the whole run, and a second run there stops at once."""
+def run_lock(args, rank=0):
+    """One process per run folder: rank 0 holds OUT/.lock for the whole run, and a second run there stops at once.
+    A run folder inside its data is refused before the folder is made (it would become data)."""
+    if args.data_path and inside(args.out, args.data_path):
+        raise ValueError(f"--out {args.out} lies inside --data_path {args.data_path}: the run's files would become "
+                         "data; choose another --out")
     if rank:
         yield
         return
-    writable(folder, folder=True)
-    with lock_file(os.path.join(folder, ".lock"), f"run folder {folder}"):
+    writable(args.out, folder=True)
+    with lock_file(os.path.join(args.out, ".lock"), f"run folder {args.out}"):
         yield
 
 
@@ -1593,9 +1600,6 @@ def start_run(args, kind, rank=0, inputs=()):
     if not (args.resume or args.overwrite) and (os.path.exists(ckpt_path) or os.path.exists(log_path)):
         raise ValueError(f"{args.out} already holds a run: pass --resume to continue it, or --overwrite to delete it "
                          "and start over")
-    if args.data_path and inside(args.out, args.data_path):
-        raise ValueError(f"--out {args.out} lies inside --data_path {args.data_path}: the run's files would become "
-                         "data; choose another --out")
     given = [p for p in inputs if p]
     for p in given if args.overwrite else [p for p in given if inside(p, ckpt_path) or inside(p, log_path)]:
         if inside(p, args.out):

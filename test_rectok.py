@@ -567,6 +567,7 @@ def test_bad_flags_and_files_one_line_each(runs, tmp_path, capsys):
     ]
     for script, flags, expected in cases:
         one_line(script, flags, expected, capsys)
+    assert not (folder / "a" / "run").exists()                             # a refused run leaves its data as it was
     hub, name = tmp_path / "hub", os.path.basename(evaluate.FIDInception.URL)   # a crafted file in the hub cache
     (hub / "checkpoints").mkdir(parents=True)
     (hub / "checkpoints" / name).write_bytes(crafted.read_bytes())
@@ -625,6 +626,7 @@ def test_hostile_runs_one_line_each(runs, tmp_path, capsys):
     sigma = np.eye(2048)
     np.savez(tmp_path / "nan_ref.npz", mu=np.full(2048, np.nan), sigma=sigma)
     np.savez(tmp_path / "skew_ref.npz", mu=np.zeros(2048), sigma=sigma + np.triu(rng.rand(2048, 2048), 1))
+    np.savez(tmp_path / "npsd_ref.npz", mu=np.zeros(2048), sigma=-sigma)
     T, D = [*TOK, "--steps", "4"], [*DIT, "--tokenizer", tok]
     gen = ["gen", "--inception", "random", "--allow_small", "--samples"]
     cases = [
@@ -644,7 +646,7 @@ def test_hostile_runs_one_line_each(runs, tmp_path, capsys):
         (train_dit, [*DIT, "--tokenizer", nan_tok, "--out", str(tmp_path / "dn")], "nan_tok.pt: its latent statistics "
          "are unusable"),
         (train_tokenizer, [*T, "--out", str(tmp_path / "f"), "--data_path", str(folder)],
-         "holds 1 images beside 2 class folders"),
+         "holds 1 image file.s. beside 2 class folder.s."),
         (train_tokenizer, [*T, "--out", str(tmp_path / "f"), "--data_path", str(clean), "--class_list",
                            str(lists["twice"])], "twice.txt names 'a' twice"),
         (train_tokenizer, [*T, "--out", str(tmp_path / "f"), "--data_path", str(clean), "--class_list",
@@ -657,6 +659,8 @@ def test_hostile_runs_one_line_each(runs, tmp_path, capsys):
         (evaluate, ["gen", "--shapes", "--samples", str(tmp_path / "one.npz")], "needs at least 2 images, got 1"),
         (evaluate, [*gen, str(tmp_path / "five.npz"), "--ref_stats", str(tmp_path / "nan_ref.npz")], "hold NaN"),
         (evaluate, [*gen, str(tmp_path / "five.npz"), "--ref_stats", str(tmp_path / "skew_ref.npz")], "not symmetric"),
+        (evaluate, [*gen, str(tmp_path / "five.npz"), "--ref_stats", str(tmp_path / "npsd_ref.npz")],
+         "npsd_ref.npz: sigma has a negative eigenvalue"),
     ]
     before = open(tok, "rb").read()
     for script, flags, expected in cases:

@@ -268,7 +268,7 @@ class CachedLatents(torch.utils.data.Dataset):
 def main(args):
     rank, world, device = R.setup_distributed()
     torch.manual_seed(args.seed + rank)
-    with R.run_lock(args.out, rank):
+    with R.run_lock(args, rank):
         inputs = [args.tokenizer, args.latent_stats, args.latent_cache, args.data_path, args.class_list]
         resume, ckpt_path, log_path = R.start_run(args, "dit", rank, inputs)
         R.not_an_input(args.latent_cache, inputs[:2] + inputs[3:] + [ckpt_path, log_path], "--latent_cache")
@@ -319,6 +319,7 @@ def build(args, recipe, tok, resume, ckpt_path, rank, world, device):
     run = SimpleNamespace(recipe=recipe, tok=tok, tok_id=fingerprint(tok), rank=rank, world=world, device=device)
     dataset = R.dataset_from_args(args, tok.cfg.img_size, n=recipe.train_images)
     run.data_id = R.check_same_data(resume, dataset, ckpt_path, args.allow_new_data)
+    R.plan_steps(args, recipe, len(dataset), world, resume, ckpt_path)   # a plan of no step stops before the cache
     run.cfg = dit_config(recipe, tok, dataset, resume, ckpt_path, run.tok_id, args.tokenizer)
     run.model = R.DiTDH(run.cfg).to(device)
     run.ema = copy.deepcopy(R.broadcast(run.model, world)).eval().requires_grad_(False)

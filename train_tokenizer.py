@@ -248,7 +248,7 @@ def main(args):
     if args.stats_only and (args.decoder_finetune or args.resume):
         raise ValueError("--stats_only only measures the statistics of --init_from: drop --decoder_finetune and "
                          "--resume")
-    with R.run_lock(args.out, rank):
+    with R.run_lock(args, rank):
         inputs = [args.init_from, args.data_path, args.class_list, args.teacher_ckpt, args.vgg_ckpt, args.lpips_ckpt,
                   args.convnext_ckpt]
         resume, ckpt_path, log_path = R.start_run(args, "tokenizer", rank, inputs)
@@ -330,6 +330,7 @@ def build(args, recipe, stage2, resume, ckpt_path, rank, world, device):
     if model is not None:  # From --init_from: raw weights into the model, EMA weights into the EMA (official).
         c = model.cfg
         run.recipe = recipe = replace(recipe, img_size=c.img_size, patch_size=c.patch_size, latent_dim=c.latent_dim)
+    plan_data(run, args, resume, ckpt_path)
     if recipe.sem_weight > 0:
         run.teacher = make_teacher(args, recipe).to(device)
     if model is None:
@@ -348,7 +349,7 @@ def build(args, recipe, stage2, resume, ckpt_path, rank, world, device):
     build_losses(run, args, resume)
     run.net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
     R.maybe_compile([m for m in (model.encoder, model.decoder, model.sem_decoder) if m is not None], args.compile)
-    build_data(run, args, resume, ckpt_path)
+    build_data(run, args)
     return run
 
 
@@ -379,13 +380,17 @@ def build_losses(run, args, resume):
     run.trainable = [p for p in run.model.parameters() if p.requires_grad]
 
 
-def build_data(run, args, resume, ckpt_path):
-    """The training images (bound to the checkpoint's), the step count, and 8 held-out images for progress grids."""
-    recipe, world = run.recipe, run.world
-    run.dataset = R.dataset_from_args(args, recipe.img_size, n=recipe.train_images)
+def plan_data(run, args, resume, ckpt_path):
+    """The training images (bound to the checkpoint's) and the step count, checked before any costly work."""
+    run.dataset = R.dataset_from_args(args, run.recipe.img_size, n=run.recipe.train_images)
     run.data_id = R.check_same_data(resume, run.dataset, ckpt_path, args.allow_new_data)
-    plan = R.plan_steps(args, recipe, len(run.dataset), world, resume, ckpt_path)
+    plan = R.plan_steps(args, run.recipe, len(run.dataset), run.world, resume, ckpt_path)
     run.batch, run.steps_per_epoch, run.total, run.progress = plan
+
+
+def build_data(run, args):
+    """Teacher features of a fixed dataset, and 8 held-out images for progress grids."""
+    recipe = run.recipe
     run.cached = run.teacher is not None and not recipe.flip and args.data_path is None
     if run.cached and run.progress.step < run.total:  # a fixed, unflipped dataset: its teacher features never change
         run.dataset = WithTeacherFeatures(run.dataset, run.teacher, run.device)
