@@ -63,7 +63,12 @@ def check_flags(args):
     if args.trajectory and not args.out.endswith(".png"):
         raise ValueError("--trajectory writes a .png grid: give --out FILE.png")
     R.not_an_input(args.out, [args.ckpt, args.tokenizer_ckpt, args.latent_stats, args.autoguidance_ckpt])
-    R.writable(args.out, folder=not args.out.endswith((".png", ".npz")))
+    folder = not args.out.endswith((".png", ".npz"))
+    R.writable(args.out, folder=folder)
+    old = [n for n in os.listdir(args.out) if n.lower().endswith(".png")] if folder else []
+    if old:                      # before torchrun's rendezvous: no rank has written a PNG of its own yet
+        raise ValueError(f"--out {args.out} already holds {len(old)} PNG files, which eval.py gen would count as "
+                         "samples of this run: choose an empty folder")
 
 
 def load_models(args, device):

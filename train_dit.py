@@ -188,6 +188,9 @@ def latent_cache(tok, dataset, path, flips, device, rank, world, workers, own=Fa
 def cache_fits(path, meta, own):
     """Whether the cache at path was made from this tokenizer and these data; a mismatch stops a given cache."""
     if not os.path.exists(path + ".json"):
+        if os.path.exists(path) and not own:                               # never overwrite a file we did not make
+            raise ValueError(f"--latent_cache {path} exists but has no {path}.json, so it is no latent cache of this "
+                             "code: delete it, or pass another path")
         return False
     try:
         with open(path + ".json") as f:
