@@ -158,20 +158,21 @@ def main(args):
     # Batches of consecutive indices, dealt round-robin over the ranks: the batches are the same on any number
     # of processes, so the images are too, bit for bit on the same device type.
     t_start, size = time.time(), tok.cfg.img_size
+    folder = not args.out.endswith((".png", ".npz"))                       # a folder of PNGs, one per image
     batches = torch.arange(N).split(args.batch_size)[rank::world]
     index, images = [torch.arange(0)], [np.empty((0, size, size, 3), np.uint8)]
     for idx in tqdm(batches, disable=rank != 0, desc="sampling"):
         x = generate(dit, tok, sample_noise(args.seed, idx.tolist(), shape).to(device), labels[idx].to(device),
                      grid, args, guidance, how)
         x = (x * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # truncation, as the official code
-        if args.out.endswith((".png", ".npz")):
+        if not folder:
             index.append(idx)
             images.append(x)
-        else:                                                              # a folder: each image its own file
+        else:
             for i, img in zip(idx.tolist(), x):
                 R.save_grid(torch.from_numpy(img).permute(2, 0, 1).float() / 255,
                             os.path.join(args.out, f"{i:06d}_class{int(labels[i])}.png"))
-    if args.out.endswith((".png", ".npz")):
+    if not folder:
         arr = gather_images(np.concatenate(images), torch.cat(index).numpy(), N, args.out, rank, world)
         if rank == 0:
             write_samples(arr, labels, args.out)

@@ -496,7 +496,7 @@ def train(run, args, log_path, resume):
 
 def finish(run, args):
     """Measure the latent statistics on the training images and store them with the final checkpoint."""
-    data = R.dataset_from_args(args, run.recipe.img_size, n=run.recipe.train_images)
+    data = run.dataset.dataset if isinstance(run.dataset, WithTeacherFeatures) else run.dataset
     stats = measure_latent_stats(run.ema, data, args.stats_images, run.batch, run.device, run.rank, run.world,
                                  args.workers)
     n_stats = min(args.stats_images or len(data), len(data))
