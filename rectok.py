@@ -1332,13 +1332,13 @@ def set_rng_state(state):
         torch.cuda.set_rng_state(state["cuda"])
 
 
+@dataclass
 class Progress:
     """Where a training run stands, for the lines that end it: steps done, the last checkpoint, a stop signal."""
-
-    def __init__(self, ckpt_path, step=0, resumed=False):
-        self.ckpt_path, self.step = ckpt_path, step
-        self.saved = step if resumed else None                             # the step of the last checkpoint written
-        self.signal = None                                                 # SIGTERM or SIGUSR1, once one arrives
+    ckpt_path: str
+    step: int = 0
+    saved: int = None                     # the step of the last checkpoint written
+    signal: str = None                    # SIGTERM or SIGUSR1, once one arrives
 
     def last_checkpoint(self):
         if self.saved is None:
@@ -1426,7 +1426,7 @@ def plan_steps(args, recipe, n_images, world, resume, ckpt_path):
     if total == 0:
         raise ValueError(f"--epochs {recipe.epochs:g} is 0 steps of {recipe.batch_size} on {n_images} images: "
                          "raise --epochs or pass --steps")
-    progress = Progress(ckpt_path, resume["step"] if resume else 0, resumed=bool(resume))
+    progress = Progress(ckpt_path, resume["step"], saved=resume["step"]) if resume else Progress(ckpt_path)
     step = progress.step
     if args.stop_at is not None and step < total and not step < args.stop_at <= total:
         raise ValueError(f"--stop_at {args.stop_at} must lie after the current step {step} and at most at the last, "
@@ -1441,8 +1441,7 @@ def epoch_loader(dataset, batch_size, epoch, seed, skip_batches=0, rank=0, world
     n = len(dataset) // (batch_size * world) * batch_size * world          # drop the ragged end
     order = torch.randperm(len(dataset), generator=g)[:n][rank::world][skip_batches * batch_size:]
     return torch.utils.data.DataLoader(dataset, batch_size, sampler=order.tolist(), num_workers=workers,
-                                       collate_fn=collate, drop_last=True, generator=g, persistent_workers=False,
-                                       pin_memory=False)
+                                       collate_fn=collate, drop_last=True, generator=g)
 
 
 def spread_subset(labels, n=None, seed=0):
@@ -1660,8 +1659,10 @@ def check_same_data(resume, dataset, ckpt_path, allow):
 def run_cli(main, get_args):
     """Run a script. An expected failure (files, permissions, disk, bad data, memory, Ctrl-C) ends in one line,
     not a traceback; open progress bars are closed first, so that the line stands alone."""
+    def stop_now(signum, frame):                                           # outside the step loop: stop at once
+        raise SystemExit(f"stopped by {signal.Signals(signum).name} before the training steps: nothing to save")
     args = get_args()
-    for s in (signal.SIGTERM, signal.SIGUSR1):                             # outside the step loop: stop at once
+    for s in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(s, stop_now)
     try:
         main(args)
@@ -1672,10 +1673,6 @@ def run_cli(main, get_args):
         for bar in list(getattr(tqdm, "_instances", ())):
             bar.close()
         sys.exit(message)
-
-
-def stop_now(signum, frame):
-    raise SystemExit(f"stopped by {signal.Signals(signum).name} before the training steps: nothing to save")
 
 
 def cli_message(e, args):
