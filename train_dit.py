@@ -159,30 +159,32 @@ class WithIndex(torch.utils.data.Dataset):
 
 
 @torch.no_grad()
-def latent_cache(tok, dataset, path, flips, device, rank, world, workers, own=False):
+def latent_cache(run, dataset, path, own, workers):
     """Posterior moments [mean | logvar] of every image (and its mirror), (N, flips, L, 2C) float16 in a .npy
     memmap, and the label of each row in PATH.labels.npy (-1: the image could not be read; that row is never
     used). PATH.json records the tokenizer and the data (their files' names, sizes and times). The cache is
     built under a lock (a second process waits), in PATH.partial, then moved into place with its .json last:
     a reader never sees a half-written cache, and a killed build is redone. A cache that no longer fits its
-    tokenizer or data is rebuilt if it is the run's own (own), and refused if it was given. -> cache, labels"""
-    meta = {"tokenizer": fingerprint(tok.encoder), "data": dataset.identity(), "flips": flips, "format": 3}
-    shape = (len(dataset), flips, tok.grid**2, 2 * tok.cfg.latent_dim)
+    tokenizer or data is rebuilt if it is the run's own (own), and refused if it was given.
+    -> (cache, dataset of the readable images' (row, label))"""
+    tok, rank, world = run.tok, run.rank, run.world
+    meta = {"tokenizer": fingerprint(tok.encoder), "data": dataset.identity(), "flips": run.flips, "format": 3}
+    shape = (len(dataset), run.flips, tok.grid**2, 2 * tok.cfg.latent_dim)
     if rank == 0:
         R.writable(path)
     with R.lock_file(path + ".lock", f"the latent cache {path}", wait=True) if rank == 0 else nullcontext():
-        fits = R.broadcast_object(cache_fits(path, meta, own) if rank == 0 else None, world)
-        if not fits:
-            build_latent_cache(tok, dataset, path, meta, shape, device, rank, world, workers)
+        if not R.broadcast_object(cache_fits(path, meta, own) if rank == 0 else None, world):
+            build_latent_cache(run, dataset, path, meta, shape, workers)
         try:
             cache, labels = np.load(path, mmap_mode="r"), np.load(path + ".labels.npy")
+            if cache.shape != shape or labels.shape != shape[:1]:
+                raise ValueError(f"it holds {cache.shape}, not {shape}")
         except (OSError, ValueError) as e:
             raise ValueError(f"latent cache {path} is damaged ({e}): delete it and {path}.json to rebuild it") from e
-        if cache.shape != shape or labels.shape != shape[:1]:
-            raise ValueError(f"latent cache {path} holds {cache.shape}, not {shape}: delete it and {path}.json")
         if world > 1:
             dist.barrier()                                                 # every rank has it open: the lock may go
-    return cache, labels
+    rows = np.flatnonzero(labels >= 0)                                     # label -1: the image was unreadable
+    return cache, torch.utils.data.TensorDataset(torch.from_numpy(rows), torch.from_numpy(labels[rows]))
 
 
 def cache_fits(path, meta, own):
@@ -209,7 +211,8 @@ def cache_fits(path, meta, own):
     raise ValueError(f"latent cache {path} was made from {why}; delete it or pass --latent_cache NEW_PATH")
 
 
-def build_latent_cache(tok, dataset, path, meta, shape, device, rank, world, workers, batch=64):
+def build_latent_cache(run, dataset, path, meta, shape, workers, batch=64):
+    tok, rank, world, device = run.tok, run.rank, run.world, run.device
     partial = path + ".partial"
     if rank == 0:
         if os.path.exists(path + ".json"):                                 # from here on the old cache is void
@@ -247,25 +250,6 @@ def build_latent_cache(tok, dataset, path, meta, shape, device, rank, world, wor
         R.atomic_write(path + ".json", lambda f: f.write(json.dumps(meta).encode()))
     if world > 1:
         dist.barrier()
-
-
-class CachedLatents(torch.utils.data.Dataset):
-    """The readable rows of the latent cache: item i -> (row, label). The training loop reads the moments of a
-    batch itself, once it has drawn image or mirror, so only the half in use is read from disk."""
-
-    def __init__(self, cache, labels):
-        self.cache, self.rows = cache, np.flatnonzero(labels >= 0)
-        self.labels = labels[self.rows].tolist()
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return int(self.rows[i]), self.labels[i]
-
-    def read(self, rows, flip):
-        """rows (B,), flip (B,) -> moments [mean | logvar] (B, L, 2C) in fp32."""
-        return torch.from_numpy(np.asarray(self.cache[rows.numpy(), flip.cpu().numpy()], dtype=np.float32))
 
 
 def main(args):
@@ -334,8 +318,7 @@ def build(args, recipe, tok, resume, ckpt_path, rank, world, device):
     R.maybe_compile([run.model], args.compile)
     run.flips = 2 if recipe.flip else 1
     path = args.latent_cache or os.path.join(args.out, "latents.npy")
-    run.latents = CachedLatents(*latent_cache(tok, dataset, path, run.flips, device, rank, world, args.workers,
-                                              own=args.latent_cache is None))
+    run.cache, run.latents = latent_cache(run, dataset, path, args.latent_cache is None, args.workers)
     plan = R.plan_steps(args, recipe, len(run.latents), world, resume, ckpt_path)
     run.batch, run.steps_per_epoch, run.total, run.progress = plan
     return run
@@ -363,7 +346,8 @@ def update(run, rows, y, lr):
     """One optimisation step: a fresh posterior sample of each cached image (or its mirror), velocity MSE."""
     tok, device = run.tok, run.device
     flip = torch.randint(run.flips, (len(y),), device=device)              # image or its mirror
-    mean, logvar = run.latents.read(rows, flip).to(device).chunk(2, dim=-1)  # (B, L, C) each
+    moments = run.cache[rows.numpy(), flip.cpu().numpy()]                  # only the half in use is read from disk
+    mean, logvar = torch.from_numpy(np.asarray(moments, dtype=np.float32)).to(device).chunk(2, dim=-1)  # (B, L, C)
     z = tok.normalize(mean + (0.5 * logvar).exp() * torch.randn_like(mean))  # posterior sample (B, C, h, w)
     for group in run.opt.param_groups:
         group["lr"] = lr
