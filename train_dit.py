@@ -2,11 +2,10 @@
 train_dit.py: train the DiT^DH generator on a RecTok latent with rectified flow.
 
 RecTok: Reconstruction Distillation along Rectified Flow (Shi et al., arXiv 2512.13421). Velocity MSE on
-per-channel-normalised posterior samples, t from the dimension-shifted law, label dropout 0.1 for CFG, AdamW
-(0.9, 0.95) without weight decay, lr constant then linear decay, clipping at 1, EMA 0.9995 (official
-main_diffusion.py, run_train_diffusion.sh). Unlike the official code, which re-encodes every image at every
-step, the posterior moments (mean, logvar) of every image and of its mirror image are computed once and cached
-on disk; each step draws a fresh posterior sample from them.
+per-channel-normalised posterior samples, t from the dimension-shifted law, label dropout for CFG; the recipe of
+the official main_diffusion.py and run_train_diffusion.sh (DiTRecipe). Unlike the official code, which re-encodes
+every image at every step, the posterior moments (mean, logvar) of every image and of its mirror are computed
+once and cached on disk; each step draws a fresh posterior sample from them.
 
   python train_dit.py --preset quick --tokenizer runs/quick_tok_ft/ckpt.pt --out runs/quick_dit     # CPU
   python train_dit.py --preset subset --tokenizer runs/subset_tok_ft/ckpt.pt --data_path IMAGENET/train \
@@ -36,8 +35,7 @@ import rectok as R
 
 @dataclass
 class DiTRecipe:
-    """Everything train_dit.py takes from a preset (official run_train_diffusion.sh for the paper); each field is
-    also a flag of the same name."""
+    """What train_dit.py takes from a preset (the paper's: official run_train_diffusion.sh); each field is a flag."""
     model: str = "XL"                     # a DIT_SIZES name
     patch_size: int = 1
     flip: bool = True                     # the latent of the image or of its mirror, at random
@@ -66,12 +64,9 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     R.add_common_args(p, PRESETS)
     g = p.add_argument_group("tokenizer and latents")
-    g.add_argument("--tokenizer", required=True, help="tokenizer checkpoint: ours (with latent statistics) or "
-                   "official RecTok_decft.pth")
-    g.add_argument("--latent_stats", help="latent mean/std file (.npz/.pt, or the official stats.pkl), for an "
-                   "official tokenizer")
-    g.add_argument("--latent_cache", help="posterior-moment cache (.npy, default OUT/latents.npy); shareable "
-                   "between runs")
+    g.add_argument("--tokenizer", required=True, help="tokenizer checkpoint: ours, or the official RecTok_decft.pth")
+    g.add_argument("--latent_stats", help="latent mean/std (.npz/.pt, or the official stats.pkl) of an official one")
+    g.add_argument("--latent_cache", help="posterior-moment cache (.npy, default OUT/latents.npy), shareable by runs")
     g = p.add_argument_group("model and optimisation (default: from --preset)")
     g.add_argument("--model", choices=list(R.DIT_SIZES))
     g.add_argument("--patch_size", type=R.POS_INT, help="latent patch size of the DiT")
@@ -84,8 +79,7 @@ def get_args(argv=None):
     g.add_argument("--decay_end_epoch", type=R.NONNEG_FLOAT, help="... reaching min_lr here")
     g.add_argument("--grad_clip", type=R.POS_FLOAT)
     g.add_argument("--ema", type=R.FRACTION)
-    g.add_argument("--label_drop", type=R.FRACTION, help="probability of the null label (trains CFG's "
-                   "unconditional model)")
+    g.add_argument("--label_drop", type=R.FRACTION, help="probability of the null label (CFG's unconditional model)")
     g.add_argument("--sample_steps", type=R.POS_INT, help="Euler steps of the progress grids")
     return p.parse_args(argv)
 
@@ -288,16 +282,15 @@ def load_tokenizer(args, device):
     """The tokenizer's EMA weights and its latent statistics (ours carry them; official ones need a file).
     -> (tokenizer, how its latents are normalised)"""
     tok = R.load_model(args.tokenizer, "tokenizer").to(device).eval().requires_grad_(False)
+    norm = f"by the std of posterior {tok.latent_norm or 'means'}"
     if args.latent_stats:
         mean, std = read_latent_stats(args.latent_stats, tok.cfg.latent_dim)
         tok.latent_mean.copy_(mean)
         tok.latent_std.copy_(std)
+        norm = f"as in {args.latent_stats}"
     if not tok.latent_mean.any() and (tok.latent_std == 1).all():
         raise ValueError(f"{args.tokenizer} carries no latent statistics: pass --latent_stats FILE, or measure them "
                          f"with train_tokenizer.py --stats_only --init_from {args.tokenizer}")
-    norm = f"by the std of posterior {tok.latent_norm or 'means'}"
-    if args.latent_stats:
-        norm = f"as in {args.latent_stats}"
     return tok, norm
 
 
@@ -364,13 +357,12 @@ def update(run, rows, y, lr):
 
 def checkpoint(run, args):
     rngs = R.gathered_rng_states(run.world)
-    tok = run.tok
     if run.rank == 0:
         R.save_checkpoint(run.progress.ckpt_path, {
             "kind": "dit", "config": asdict(run.cfg), "recipe": asdict(run.recipe), "step": run.progress.step,
             "model": run.model.state_dict(), "ema": run.ema.state_dict(), "opt": run.opt.state_dict(), "rng": rngs,
             "tokenizer": os.path.abspath(args.tokenizer), "tokenizer_fingerprint": run.tok_id, "data": run.data_id,
-            "latent_mean": tok.latent_mean.cpu(), "latent_std": tok.latent_std.cpu(), "latent_norm": run.norm})
+            "latent_mean": run.tok.latent_mean.cpu(), "latent_std": run.tok.latent_std.cpu(), "latent_norm": run.norm})
     run.progress.saved = run.progress.step
 
 
@@ -390,10 +382,8 @@ def train(run, args, log_path, resume):
     bar = tqdm(total=run.total, initial=progress.step, disable=rank != 0, dynamic_ncols=True)
     t_last, s_last = time.time(), progress.step
     while progress.step < run.total and progress.step != args.stop_at:
-        step = progress.step
-        loader = R.epoch_loader(run.latents, run.batch, step // run.steps_per_epoch, args.seed,
-                                step % run.steps_per_epoch, rank, world, args.workers)
-        for rows, y in loader:
+        epoch, skip = divmod(progress.step, run.steps_per_epoch)           # a resumed epoch skips the batches it saw
+        for rows, y in R.epoch_loader(run.latents, run.batch, epoch, args.seed, skip, rank, world, args.workers):
             lr = constant_then_linear_lr(progress.step / run.steps_per_epoch, recipe.lr, recipe.min_lr,
                                          recipe.decay_start_epoch, recipe.decay_end_epoch)
             values = update(run, rows, y, lr)
