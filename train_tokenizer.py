@@ -182,11 +182,6 @@ class ConvNeXtLogits(nn.Module):
         return F.mse_loss(lx, ly)
 
 
-def tokenizer_config(recipe, teacher_dim):
-    return R.TokenizerConfig(recipe.img_size, recipe.patch_size, recipe.latent_dim, R.VIT_SIZES[recipe.encoder],
-                           R.VIT_SIZES[recipe.decoder], R.VIT_SIZES[recipe.sem_decoder], teacher_dim)
-
-
 def cosine_lr(epoch, peak, warmup, total):
     """Linear warm-up from 0, then half-cosine to 0 (official tokenizer schedule), from the fractional epoch."""
     if epoch < warmup:
@@ -198,51 +193,19 @@ def param_groups(model, weight_decay):
     """No weight decay for norms, biases, embeddings and tokens, decided by name as the official code (so the
     patch-embedding convs are exempt too)."""
     skip = ("ln", "bias", "embedding", "norm", "gamma", "embed", "token")
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    no_decay = [p for n, p in params if p.ndim < 2 or any(s in n for s in skip)]
-    decay = [p for n, p in params if not (p.ndim < 2 or any(s in n for s in skip))]
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or any(s in n for s in skip) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-@torch.no_grad()
-def measure_latent_stats(tok, dataset, n_images, batch_size, device, rank=0, world=1, workers=0):
-    """Per-channel mean and population std of the posterior means over n_images spread over the classes (no
-    flip, fp32), as the official `collect_tokenizer_stats`, and the std of posterior samples,
-    sqrt(var of the means + mean sigma^2). -> mean, std of means, std of samples, each (C,)."""
-    acc = torch.zeros(4, tok.cfg.latent_dim, dtype=torch.float64, device=device)   # count, sum, squares, sigma^2
-    for batch in tqdm(R.pass_loader(dataset, batch_size, workers, n_images, rank, world, "latent statistics"),
-                      desc="latent stats", disable=rank != 0):
-        if batch is not None:                                              # None: no readable image in the batch
-            mean, logvar = (m.flatten(0, 1).double() for m in tok.encode(batch[0].to(device)))   # (B*L, C) each
-            acc += torch.stack([torch.full_like(mean[0], len(mean)), mean.sum(0), mean.pow(2).sum(0),
-                                logvar.exp().sum(0)])
-    if world > 1:
-        dist.all_reduce(acc)
-    if not acc[0, 0]:
-        raise ValueError("none of the images could be read: no latent statistics")
-    mu = acc[1] / acc[0]
-    var_means = (acc[2] / acc[0] - mu**2).clamp_min(0)
-    return mu.float(), var_means.sqrt().float(), (var_means + acc[3] / acc[0]).sqrt().float()
-
-
-def store_latent_stats(models, stats, norm, n_images, rank=0):
-    """The chosen statistics into the models' buffers -> the checkpoint's record of them."""
-    mean, std_means, std_samples = stats
-    for m in models:
-        m.latent_mean.copy_(mean)
-        m.latent_std.copy_(std_samples if norm == "samples" else std_means)
-    ratio = std_samples / std_means.clamp_min(1e-12)
-    if rank == 0:
-        print(f"latent statistics of {n_images} images: mean {mean.mean():.3f}, std {models[0].latent_std.mean():.3f} "
-              f"(channel averages), normalised by the std of posterior {norm}; std of samples / std of means per "
-              f"channel: {ratio.min():.2f} to {ratio.max():.2f}")
-    return {"norm": norm, "images": n_images, "std_means": std_means.cpu(), "std_samples": std_samples.cpu()}
-
-
 MODEL_FLAGS = ("img_size", "patch_size", "latent_dim", "encoder", "decoder", "sem_decoder", "teacher")
+PARTS = ("model", "ema", "disc", "opt", "d_opt")                         # a run's parts in its checkpoint, by name
 
 
 def main(args):
+    """Recipe, build, train, finish; --stats_only goes from the recipe to the finish."""
     rank, world, device = R.setup_distributed()
     torch.manual_seed(args.seed + rank)
     if args.stats_only and (args.decoder_finetune or args.resume):
@@ -252,16 +215,18 @@ def main(args):
         inputs = [args.init_from, args.data_path, args.class_list, args.teacher_ckpt, args.vgg_ckpt, args.lpips_ckpt,
                   args.convnext_ckpt]
         resume, ckpt_path, log_path = R.start_run(args, "tokenizer", rank, inputs)
-        recipe, stage2 = resolve_recipe(args, resume, ckpt_path)
+        recipe, stage = resolve_recipe(args, resume, ckpt_path)
+        run = SimpleNamespace(recipe=recipe, stage=stage, rank=rank, world=world, device=device, teacher=None)
         if args.stats_only:
-            return stats_only(args, recipe, ckpt_path, rank, world, device)
+            stats_only(run, args, ckpt_path)
+            return ckpt_path
         with R.memory_guard(recipe.batch_size // world, recipe.img_size):
-            run = build(args, recipe, stage2, resume, ckpt_path, rank, world, device)
+            build(run, args, resume, ckpt_path)
             if run.progress.step >= run.total:
                 print(f"{ckpt_path} is a finished run (step {run.progress.step} of {run.total}); nothing to do")
                 return ckpt_path
             with R.stop_guard(run.progress, rank):
-                train(run, args, log_path, resume)
+                train(run, args, log_path)
             if run.progress.step == run.total:
                 finish(run, args)
     return ckpt_path
@@ -269,7 +234,7 @@ def main(args):
 
 def resolve_recipe(args, resume, ckpt_path):
     """The preset, then decoder fine-tuning's settings, then the flags; a resumed run keeps its own recipe and model.
-    -> (recipe, stage2)"""
+    -> (recipe, stage): 1 trains the whole tokenizer, 2 fine-tunes its decoder, 0 only measures (--stats_only)"""
     if (args.decoder_finetune or args.stats_only) and not (args.init_from or resume):
         raise ValueError("--decoder_finetune and --stats_only need --init_from TOKENIZER_CKPT")
     if resume and resume.get("stage") == 0:
@@ -281,10 +246,8 @@ def resolve_recipe(args, resume, ckpt_path):
     if resume and any(getattr(args, k) not in (None, resume["recipe"].get(k)) for k in MODEL_FLAGS):
         given = " --".join(k for k in MODEL_FLAGS if getattr(args, k) is not None)
         raise ValueError(f"--resume keeps the model of {ckpt_path}: drop --{given}")
-    stage2 = args.decoder_finetune or bool(resume and resume["stage"] == 2)
-    recipe = PRESETS[args.preset]
-    if resume:
-        recipe = R.recipe_from(TokenizerRecipe, resume["recipe"], ckpt_path)
+    stage = 0 if args.stats_only else 2 if args.decoder_finetune or (resume and resume["stage"] == 2) else 1
+    recipe = R.recipe_from(TokenizerRecipe, resume["recipe"], ckpt_path) if resume else PRESETS[args.preset]
     if args.decoder_finetune and not resume:  # official run_decoder_finetune_tokenizer.sh
         recipe = replace(recipe, epochs=recipe.ft_epochs, blr=recipe.ft_blr, warmup_epochs=recipe.ft_warmup_epochs,
                          gan_start_epoch=0.0, mask_ratio_max=0.0, noise=False, kl_weight=0.0, sem_weight=0.0)
@@ -299,46 +262,52 @@ def resolve_recipe(args, resume, ckpt_path):
         raise ValueError("--teacher idx is trained on MNIST-format data: pass --data_path FOLDER_OF_IDX_FILES")
     if recipe.img_size % recipe.patch_size:
         raise ValueError(f"--img_size {recipe.img_size} is not a multiple of --patch_size {recipe.patch_size}")
-    return recipe, stage2
+    return recipe, stage
 
 
-@torch.no_grad()
-def stats_only(args, recipe, ckpt_path, rank, world, device):
-    """Measure and store the latent statistics of an existing tokenizer (ours or official)."""
+def load_init(run, args):
+    """The raw weights of --init_from (its EMA weights go into the EMA, as official); the run takes its shapes."""
     model = R.load_model(args.init_from, "tokenizer", ema=False)
-    ema = R.load_model(args.init_from, "tokenizer", ema=True).to(device).eval()
     c = model.cfg
-    recipe = replace(recipe, img_size=c.img_size, patch_size=c.patch_size, latent_dim=c.latent_dim)
-    dataset = R.dataset_from_args(args, recipe.img_size, n=args.train_images)   # not the preset's: all by default
-    batch = max(recipe.batch_size // world, 1)
-    with R.memory_guard(batch, recipe.img_size):
-        stats = measure_latent_stats(ema, dataset, args.stats_images, batch, device, rank, world, args.workers)
-    n_stats = min(args.stats_images or len(dataset), len(dataset))
-    record = store_latent_stats([model, ema], stats, recipe.latent_norm, n_stats, rank)
-    if rank == 0:
-        R.save_checkpoint(ckpt_path, {"kind": "tokenizer", "config": asdict(ema.cfg), "recipe": asdict(recipe),
-                                      "stage": 0, "step": 0, "model": model.state_dict(), "ema": ema.state_dict(),
-                                      "latent_stats": record, "data": dataset.identity()})
-        print(f"latent statistics of {args.init_from} -> {ckpt_path}")
-    return ckpt_path
+    run.recipe = replace(run.recipe, img_size=c.img_size, patch_size=c.patch_size, latent_dim=c.latent_dim)
+    return model
 
 
-def build(args, recipe, stage2, resume, ckpt_path, rank, world, device):
-    """Teacher, tokenizer and EMA, losses, optimisers and data, in the order that fixes the random streams."""
-    run = SimpleNamespace(recipe=recipe, stage2=stage2, rank=rank, world=world, device=device, teacher=None)
-    model = R.load_model(args.init_from, "tokenizer", ema=False) if args.init_from and not resume else None
-    if model is not None:  # From --init_from: raw weights into the model, EMA weights into the EMA (official).
-        c = model.cfg
-        run.recipe = recipe = replace(recipe, img_size=c.img_size, patch_size=c.patch_size, latent_dim=c.latent_dim)
-    plan_data(run, args, resume, ckpt_path)
-    if recipe.sem_weight > 0:
-        run.teacher = make_teacher(args, recipe).to(device)
-    if model is None:
+def stats_only(run, args, ckpt_path):
+    """Measure and store the latent statistics of an existing tokenizer (ours or official): a stage-0 checkpoint."""
+    run.model = load_init(run, args)
+    run.ema = R.load_model(args.init_from, "tokenizer", ema=True).to(run.device).eval()
+    run.dataset = R.dataset_from_args(args, run.recipe.img_size, n=args.train_images)   # not the preset's: all
+    run.data_id = run.dataset.identity()
+    run.progress = R.Progress(ckpt_path)
+    run.batch = max(run.recipe.batch_size // run.world, 1)
+    with R.memory_guard(run.batch, run.recipe.img_size):
+        finish(run, args)
+
+
+def build(run, args, resume, ckpt_path):
+    """Data plan, teacher, tokenizer and EMA, losses and optimisers, in the order that fixes the random streams;
+    then a resumed run takes back its own streams."""
+    init = args.init_from and not resume
+    model = load_init(run, args) if init else None
+    recipe, device, world = run.recipe, run.device, run.world
+    run.dataset = R.dataset_from_args(args, recipe.img_size, n=recipe.train_images)   # checked before costly work
+    run.data_id = R.check_same_data(resume, run.dataset, ckpt_path, args.allow_new_data)
+    plan = R.plan_steps(args, recipe, len(run.dataset), world, resume, ckpt_path)
+    run.batch, run.steps_per_epoch, run.total, run.progress = plan
+    if recipe.sem_weight > 0 and recipe.teacher in ("shapes", "idx"):   # a small classifier trained once, cached
+        idx = R.idx_folder(args.data_path) if recipe.teacher == "idx" else None
+        run.teacher = R.ClassTeacher.cached(recipe.img_size, recipe.patch_size, args.num_classes or 10, idx).to(device)
+    elif recipe.sem_weight > 0:
+        run.teacher = R.Teacher(recipe.teacher, recipe.img_size // recipe.patch_size, args.teacher_ckpt).to(device)
+    if resume:
+        model = R.RecTok(R.TokenizerConfig(**resume["config"]))
+    elif model is None:
+        sizes = [R.VIT_SIZES[name] for name in (recipe.encoder, recipe.decoder, recipe.sem_decoder)]
         teacher_dim = run.teacher.dim if run.teacher else 0
-        model = R.RecTok(R.TokenizerConfig(**resume["config"]) if resume else tokenizer_config(recipe, teacher_dim))
-    ema = R.load_model(args.init_from, "tokenizer", ema=True) if args.init_from and not resume else copy.deepcopy(
-        R.broadcast(model, world))
-    if stage2:  # decoder fine-tuning: no semantic decoder; the encoder is frozen (the EMA then copies it)
+        model = R.RecTok(R.TokenizerConfig(recipe.img_size, recipe.patch_size, recipe.latent_dim, *sizes, teacher_dim))
+    ema = R.load_model(args.init_from, "tokenizer", ema=True) if init else copy.deepcopy(R.broadcast(model, world))
+    if run.stage == 2:  # decoder fine-tuning: no semantic decoder; the encoder is frozen (the EMA then copies it)
         model.drop_semantic_decoder()
         ema.drop_semantic_decoder()
         model.encoder.requires_grad_(False)
@@ -350,14 +319,8 @@ def build(args, recipe, stage2, resume, ckpt_path, rank, world, device):
     run.net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
     R.maybe_compile([m for m in (model.encoder, model.decoder, model.sem_decoder) if m is not None], args.compile)
     build_data(run, args)
-    return run
-
-
-def make_teacher(args, recipe):
-    if recipe.teacher in ("shapes", "idx"):
-        idx = R.idx_folder(args.data_path) if recipe.teacher == "idx" else None
-        return R.ClassTeacher.cached(recipe.img_size, recipe.patch_size, args.num_classes or 10, idx)
-    return R.Teacher(recipe.teacher, recipe.img_size // recipe.patch_size, args.teacher_ckpt)
+    if resume:  # last, so that nothing in the set-up above shifts the random streams
+        R.set_rng_state(resume["rng"][run.rank] if run.rank < len(resume["rng"]) else resume["rng"][0])
 
 
 def build_losses(run, args, resume):
@@ -372,20 +335,10 @@ def build_losses(run, args, resume):
     run.peak_lr = recipe.blr * recipe.batch_size / 256
     run.opt = torch.optim.AdamW(param_groups(run.model, recipe.weight_decay), lr=run.peak_lr, betas=(0.9, 0.95))
     run.d_opt = torch.optim.AdamW(param_groups(run.disc, recipe.weight_decay), lr=run.peak_lr, betas=(0.9, 0.95))
-    if resume:
-        for part, key in ((run.model, "model"), (run.ema, "ema"), (run.disc, "disc"), (run.opt, "opt"),
-                          (run.d_opt, "d_opt")):
-            part.load_state_dict(resume[key])
+    for name in PARTS if resume else ():
+        getattr(run, name).load_state_dict(resume[name])
     R.broadcast(run.disc, run.world)
     run.trainable = [p for p in run.model.parameters() if p.requires_grad]
-
-
-def plan_data(run, args, resume, ckpt_path):
-    """The training images (bound to the checkpoint's) and the step count, checked before any costly work."""
-    run.dataset = R.dataset_from_args(args, run.recipe.img_size, n=run.recipe.train_images)
-    run.data_id = R.check_same_data(resume, run.dataset, ckpt_path, args.allow_new_data)
-    plan = R.plan_steps(args, run.recipe, len(run.dataset), run.world, resume, ckpt_path)
-    run.batch, run.steps_per_epoch, run.total, run.progress = plan
 
 
 def build_data(run, args):
@@ -401,7 +354,7 @@ def build_data(run, args):
     run.show = torch.stack(show).to(run.device)
     if run.rank == 0:
         print(f"tokenizer {sum(p.numel() for p in run.model.parameters()) / 1e6:.2f}M params, stage "
-              f"{2 if run.stage2 else 1}, {len(run.dataset)} images, {run.total} steps of {recipe.batch_size}, "
+              f"{run.stage}, {len(run.dataset)} images, {run.total} steps of {recipe.batch_size}, "
               f"lr {run.peak_lr:.2e}, device {run.device}")
 
 
@@ -444,21 +397,21 @@ def update(run, img, extra, lr, frac_epoch):
 
 
 def checkpoint(run, **extra):
-    rngs = R.gathered_rng_states(run.world)
+    """Recipe, model and EMA, data record; a training run adds what resumes it: discriminator, optimisers and every
+    rank's random states (stage 0, --stats_only, has none)."""
+    parts = PARTS if run.stage else PARTS[:2]
+    rng = {"rng": R.gathered_rng_states(run.world)} if run.stage else {}
     if run.rank == 0:
         R.save_checkpoint(run.progress.ckpt_path, {
-            "kind": "tokenizer", "config": asdict(run.model.cfg), "recipe": asdict(run.recipe),
-            "stage": 2 if run.stage2 else 1, "step": run.progress.step, "model": run.model.state_dict(),
-            "ema": run.ema.state_dict(), "disc": run.disc.state_dict(), "opt": run.opt.state_dict(),
-            "d_opt": run.d_opt.state_dict(), "rng": rngs, "data": run.data_id, **extra})
+            "kind": "tokenizer", "config": asdict(run.model.cfg), "recipe": asdict(run.recipe), "stage": run.stage,
+            "step": run.progress.step, **{name: getattr(run, name).state_dict() for name in parts}, **rng,
+            "data": run.data_id, **extra})
     run.progress.saved = run.progress.step
 
 
-def train(run, args, log_path, resume):
+def train(run, args, log_path):
     """The step loop: log, progress grids, checkpoints; a stop signal saves at the next step and ends the run."""
     recipe, progress, rank, world = run.recipe, run.progress, run.rank, run.world
-    if resume:  # last, so that nothing in the set-up above shifts the random streams
-        R.set_rng_state(resume["rng"][rank] if rank < len(resume["rng"]) else resume["rng"][0])
     bar = tqdm(total=run.total, initial=progress.step, disable=rank != 0, dynamic_ncols=True)
     t_last, s_last = time.time(), progress.step
     while progress.step < run.total and progress.step != args.stop_at:
@@ -494,14 +447,38 @@ def train(run, args, log_path, resume):
     bar.close()
 
 
+@torch.no_grad()
 def finish(run, args):
-    """Measure the latent statistics on the training images and store them with the final checkpoint."""
+    """Latent statistics of the EMA on --stats_images of the run's images spread over the classes (no flip, fp32):
+    per-channel mean and population std of the posterior means, as the official `collect_tokenizer_stats`, and the
+    std of posterior samples, sqrt(var of the means + mean sigma^2). The std that --latent_norm names goes into the
+    model and the EMA, both stds into the checkpoint's record."""
     data = run.dataset.dataset if isinstance(run.dataset, WithTeacherFeatures) else run.dataset
-    stats = measure_latent_stats(run.ema, data, args.stats_images, run.batch, run.device, run.rank, run.world,
-                                 args.workers)
-    n_stats = min(args.stats_images or len(data), len(data))
-    checkpoint(run, latent_stats=store_latent_stats([run.model, run.ema], stats, run.recipe.latent_norm, n_stats,
-                                                    run.rank))
+    loader = R.pass_loader(data, run.batch, args.workers, args.stats_images, run.rank, run.world, "latent statistics")
+    acc = torch.zeros(4, run.ema.cfg.latent_dim, dtype=torch.float64, device=run.device)  # count, sum, squares, sigma^2
+    for batch in tqdm(loader, desc="latent stats", disable=run.rank != 0):
+        if batch is not None:                                              # None: no readable image in the batch
+            means, logvars = (m.flatten(0, 1).double() for m in run.ema.encode(batch[0].to(run.device)))  # (B*L, C)
+            acc += torch.stack([torch.full_like(means[0], len(means)), means.sum(0), means.pow(2).sum(0),
+                                logvars.exp().sum(0)])
+    if run.world > 1:
+        dist.all_reduce(acc)
+    if not acc[0, 0]:
+        raise ValueError("none of the images could be read: no latent statistics")
+    mu = acc[1] / acc[0]
+    var_means = (acc[2] / acc[0] - mu**2).clamp_min(0)
+    mean, std_means, std_samples = mu.float(), var_means.sqrt().float(), (var_means + acc[3] / acc[0]).sqrt().float()
+    norm, n_images = run.recipe.latent_norm, min(args.stats_images or len(data), len(data))
+    for m in (run.model, run.ema):
+        m.latent_mean.copy_(mean)
+        m.latent_std.copy_(std_samples if norm == "samples" else std_means)
+    ratio = std_samples / std_means.clamp_min(1e-12)
+    if run.rank == 0:
+        print(f"latent statistics of {n_images} images: mean {mean.mean():.3f}, std {run.ema.latent_std.mean():.3f} "
+              f"(channel averages), normalised by the std of posterior {norm}; std of samples / std of means per "
+              f"channel: {ratio.min():.2f} to {ratio.max():.2f}")
+    checkpoint(run, latent_stats={"norm": norm, "images": n_images, "std_means": std_means.cpu(),
+                                  "std_samples": std_samples.cpu()})
     if run.rank == 0:
         print(f"latent statistics stored in {run.progress.ckpt_path}")
 
