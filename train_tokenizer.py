@@ -246,7 +246,7 @@ def resolve_recipe(args, resume, ckpt_path):
     if resume and any(getattr(args, k) not in (None, resume["recipe"].get(k)) for k in MODEL_FLAGS):
         given = " --".join(k for k in MODEL_FLAGS if getattr(args, k) is not None)
         raise ValueError(f"--resume keeps the model of {ckpt_path}: drop --{given}")
-    stage = 0 if args.stats_only else 2 if args.decoder_finetune or (resume and resume["stage"] == 2) else 1
+    stage = 0 if args.stats_only else (2 if args.decoder_finetune or (resume and resume["stage"] == 2) else 1)
     recipe = R.recipe_from(TokenizerRecipe, resume["recipe"], ckpt_path) if resume else PRESETS[args.preset]
     if args.decoder_finetune and not resume:  # official run_decoder_finetune_tokenizer.sh
         recipe = replace(recipe, epochs=recipe.ft_epochs, blr=recipe.ft_blr, warmup_epochs=recipe.ft_warmup_epochs,
