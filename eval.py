@@ -138,6 +138,18 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * trace_root)
 
 
+def checked_fd(feats, ref, against):
+    """The Frechet distance of features (N, D) to reference (mu, sigma); a NaN or negative one is refused."""
+    if len(feats) < 2:
+        raise ValueError(f"a Frechet distance needs at least 2 images, got {len(feats)}")
+    mu, sigma = feature_stats(feats)
+    fd = frechet_distance(mu, sigma, *ref)
+    if not np.isfinite(fd) or fd < -1e-6 * (np.trace(sigma) + np.trace(ref[1]) + 1):
+        raise ValueError(f"the Frechet distance against {against} came out {fd:.6g}: its sigma is not a covariance "
+                         "(not positive semi-definite)")
+    return max(fd, 0.0)
+
+
 def inception_score(logits, splits=10, seed=2020):
     """torch-fidelity's IS: shuffle (fixed seed), split in 10, exp(E KL(p(y|x) || p(y))) per split -> mean, std."""
     if len(logits) < splits:
@@ -187,35 +199,7 @@ def linear_probe(train_x, train_y, val_x, val_y, num_classes, epochs=200, lr=1e-
         return (head(val_x).argmax(1) == val_y).float().mean().item()
 
 
-# ----------------------------------------------------------------------------- the judge of the small datasets
-
-
-def class_judge(size, device, idx_folder=None, num_classes=10, shapes=6000):
-    """A small CNN trained once and cached, which names the class of images holding 0..255 and gives the features
-    of FD. Embedded shapes: `shapes` of seed 0. MNIST-format data: the second half of the train split (the idx teacher
-    trained on the first), each image seen at 16 px and standardised to zero mean and unit variance, so that it
-    names a blurry or low-contrast sample by its shape (it names 84% of the held-out images as reconstructed by a
-    400-step tokenizer, 88% of the originals). Another architecture, seed and images than the teacher's; never a
-    held-out image. -> (model(x) -> (features (B, 128), logits), held-out accuracy)"""
-    def make():
-        if idx_folder is None:
-            conv = lambda i, o: [nn.Conv2d(i, o, 3, 2, 1), nn.BatchNorm2d(o), nn.GELU()]  # noqa: E731
-            return nn.Sequential(*conv(3, 32), *conv(32, 64), *conv(64, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                                 nn.Linear(128, num_classes))
-        conv = lambda i, o: [nn.Conv2d(i, o, 3, 1, 1), nn.BatchNorm2d(o), nn.GELU(), nn.MaxPool2d(2)]  # noqa: E731
-        return nn.Sequential(Standardise(16), *conv(3, 32), *conv(32, 64), *conv(64, 128), nn.AdaptiveAvgPool2d(1),
-                             nn.Flatten(), nn.Linear(128, num_classes))
-    if idx_folder is None:
-        key, seed, epochs = f"shapes_classifier_{size}px_{num_classes}", 0, 6
-        held = R.Shapes(1000, size, num_classes, seed=1)
-        train = lambda: R.shapes_batches(shapes, size, num_classes, seed=0)  # noqa: E731
-    else:
-        data, held = R.IdxImages(idx_folder, "train", size), R.IdxImages(idx_folder, "t10k", size)
-        num_classes, seed, epochs = len(data.classes), 3, 3
-        key, train = f"idx_judge_{size}px_{data.identity()['files']}", (lambda: data.half(1))
-    net, acc = R.trained_classifier(make, lambda net, x: net(x * 0.5 + 0.5), key, train, held, seed, epochs, batch=100)
-    net.to(device)
-    return (lambda x: (net[:-1](x / 255), net[-1](net[:-1](x / 255)))), acc
+# ----------------------------------------------------------------------------- the judges
 
 
 class Standardise(nn.Module):
@@ -230,7 +214,34 @@ class Standardise(nn.Module):
         return (x - x.mean((1, 2, 3), keepdim=True)) / (x.std((1, 2, 3), keepdim=True) + 1e-3)
 
 
-# ----------------------------------------------------------------------------- the four evaluations
+def class_judge(size, device, idx_folder=None, num_classes=10, shapes=6000):
+    """A small CNN trained once and cached, which names the class of images holding 0..255 and gives the features
+    of FD. Embedded shapes: `shapes` of seed 0. MNIST-format data: the second half of the train split (the idx teacher
+    trained on the first), each image seen at 16 px and standardised, so that it names a blurry or low-contrast
+    sample by its shape (it names 84% of the held-out images as reconstructed by a 400-step tokenizer, 88% of the
+    originals). Another architecture, seed and images than the teacher's; never a held-out image.
+    -> (judge(x) -> (features (B, 128), logits), held-out accuracy)"""
+    def make():                            # the shapes: strided convs; MNIST-format: standardised, max-pooled
+        layers = [Standardise(16)] if idx_folder else []
+        for i, o in ((3, 32), (32, 64), (64, 128)):
+            layers += [nn.Conv2d(i, o, 3, 1 if idx_folder else 2, 1), nn.BatchNorm2d(o), nn.GELU()]
+            layers += [nn.MaxPool2d(2)] if idx_folder else []
+        return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, num_classes))
+    if idx_folder is None:
+        key, seed, epochs = f"shapes_classifier_{size}px_{num_classes}", 0, 6
+        held = R.Shapes(1000, size, num_classes, seed=1)
+        train = lambda: R.shapes_batches(shapes, size, num_classes, seed=0)  # noqa: E731
+    else:
+        data, held = R.IdxImages(idx_folder, "train", size), R.IdxImages(idx_folder, "t10k", size)
+        num_classes, seed, epochs = len(data.classes), 3, 3
+        key, train = f"idx_judge_{size}px_{data.identity()['files']}", (lambda: data.half(1))
+    net, acc = R.trained_classifier(make, lambda net, x: net(x * 0.5 + 0.5), key, train, held, seed, epochs, batch=100)
+    body, head = net[:-1].to(device), net[-1].to(device)
+
+    def score(x):
+        feats = body(x / 255)                                              # (B, 128)
+        return feats, head(feats)
+    return score, acc
 
 
 def judge(args, size, device):
@@ -252,6 +263,9 @@ def metric_name(n, args, what):
             raise ValueError(f"{n} images are too few for FID (2048 or more); --allow_small computes it anyway")
         return f"FID-{n} ({path}; fewer than 2048 images: NOT comparable with published FID)"
     return f"FID-{n / 1000:g}K ({path})"
+
+
+# ----------------------------------------------------------------------------- reading the inputs
 
 
 def load_npz(path, what):
@@ -283,89 +297,13 @@ def load_ref(path):
     return mu, sigma
 
 
-def checked_fd(feats, ref, against):
-    """The Frechet distance of features (N, D) to reference (mu, sigma); it needs 2 images, and a NaN or negative
-    result (a reference sigma that is no covariance) is an error that names the reference, never a figure."""
-    if len(feats) < 2:
-        raise ValueError(f"a Frechet distance needs at least 2 images, got {len(feats)}")
-    mu, sigma = feature_stats(feats)
-    fd = frechet_distance(mu, sigma, *ref)
-    if not np.isfinite(fd) or fd < -1e-6 * (np.trace(sigma) + np.trace(ref[1]) + 1):
-        raise ValueError(f"the Frechet distance against {against} came out {fd:.6g}: its sigma is not a covariance "
-                         "(not positive semi-definite)")
-    return max(fd, 0.0)
-
-
-def uint8_values(img):
-    """Images in [-1, 1] that came from uint8 files -> their 0..255 values (float)."""
-    return ((img.float() + 1) * 127.5).round()
-
-
-@torch.no_grad()
-def features(model, batches, device):
-    out = [[t.cpu() for t in model(x.to(device).float())] for x in batches]
-    if not out:
-        raise ValueError("none of the images could be read")
-    return [torch.cat(parts).double() for parts in zip(*out)]
-
-
-@torch.no_grad()
-def recon(args, device):
-    tok = R.load_model(args.ckpt, "tokenizer").to(device).eval()
-    data = R.dataset_from_args(args, tok.cfg.img_size, train=False)
-    net, what = judge(args, tok.cfg.img_size, device)
-    metric_name(min(args.num_images or len(data), len(data)), args, what)  # refuses small FID before the work
-    ref = load_ref(args.ref_stats) if args.ref_stats else None
-    scores, feats_real, feats_rec, correct = [], [], [], []
-    loader = R.pass_loader(data, args.batch_size, args.workers, args.num_images, what="reconstruction")
-    for batch in tqdm(loader, desc="reconstructing"):
-        if batch is None:
-            continue
-        img, label = batch[0].to(device), batch[1]
-        with R.autocast(device):
-            rec = tok.reconstruct(img).float()                             # posterior mean -> [0, 1]
-        real = img * 0.5 + 0.5
-        scores.append(torch.stack([psnr(rec, real), ssim(rec, real)], 1).cpu())   # float recon, as official
-        feats_real.append(net(uint8_values(img))[0].cpu())
-        f_rec, logits = net((rec * 255).to(torch.uint8).float())          # uint8 by truncation, as official
-        feats_rec.append(f_rec.cpu())
-        correct.append(logits.argmax(1).cpu() == label)
-    if not scores:
-        raise ValueError("none of the images could be read")
-    scores, n = torch.cat(scores), len(torch.cat(correct))
-    ref = ref or feature_stats(torch.cat(feats_real))
-    fd = checked_fd(torch.cat(feats_rec), ref, args.ref_stats or "the originals")
-    print(f"reconstruction of {n} held-out images ({args.data_path or 'embedded shapes, seed 1'}), EMA weights")
-    print(f"  PSNR {scores[:, 0].mean():.2f} dB   SSIM {scores[:, 1].mean():.4f}   r{metric_name(n, args, what)} "
-          f"vs {os.path.basename(args.ref_stats) if args.ref_stats else 'the originals'}: {fd:.3f}")
-    if what != "FID":
-        print(f"  reconstructions classified as their class: {torch.cat(correct).float().mean():.1%}")
-    return {"psnr": scores[:, 0].mean().item(), "ssim": scores[:, 1].mean().item(), "fd": fd}
-
-
-@torch.no_grad()
-def stats(args, device):
-    data = R.ImageFolderSubset(args.data_path, args.img_size, args.num_classes, args.images_per_class)
-    net = load_inception(args.inception, args.fid_input).to(device)
-    loader = R.pass_loader(data, args.batch_size, args.workers, args.num_images, what="reference statistics")
-    batches = (uint8_values(b[0]) for b in tqdm(loader, desc="inception features") if b is not None)
-    pool = features(net, batches, device)[0]
-    if len(pool) < 2:
-        raise ValueError(f"reference statistics need at least 2 readable images, got {len(pool)}")
-    mu, sigma = feature_stats(pool)
-    R.atomic_write(args.out, lambda f: np.savez(f, mu=mu, sigma=sigma))
-    print(f"reference statistics of {len(pool)} images ({args.data_path}, ADM crop {args.img_size}, "
-          f"{'torch-fidelity' if args.fid_input == 'tf1' else 'pytorch-fid'} input path) -> {args.out}")
-    return args.out
-
-
 def load_samples(path):
-    """uint8 (N, H, W, 3) and labels (or None) from an .npz (arr_0, labels) or a folder of PNGs."""
+    """uint8 (N, H, W, 3) and labels (or None) from an .npz (arr_0, labels) or a folder of PNGs (classK in the name)."""
     if path.endswith(".npz"):
         d = load_npz(path, "samples")
         if "arr_0" not in d:
             raise ValueError(f"{path} has no arr_0 (the samples); it holds {list(d)}")
-        images, labels = d["arr_0"], d["labels"] if "labels" in d else None
+        images, labels = d["arr_0"], d.get("labels")
     else:
         files = sorted(glob.glob(os.path.join(path, "*.png")))
         if not files:
@@ -380,14 +318,78 @@ def load_samples(path):
     return images, labels
 
 
-def check_labels(labels, n, num_classes, path):
-    if labels.shape != (n,) or labels.min() < 0 or labels.max() >= num_classes:
-        raise ValueError(f"{path}: need one label per sample in [0, {num_classes - 1}], "
-                         f"got {labels.shape} in [{labels.min()}, {labels.max()}]")
+def uint8_values(img):
+    """Images in [-1, 1] that came from uint8 files -> their 0..255 values (float)."""
+    return ((img.float() + 1) * 127.5).round()
+
+
+@torch.no_grad()
+def gather(batches, step, empty="none of the images could be read"):
+    """step(batch) for every readable batch (None: unreadable) -> its outputs, each concatenated over the batches."""
+    out = [[t.cpu() for t in step(b)] for b in batches if b is not None]
+    if not out:
+        raise ValueError(empty)
+    return [torch.cat(parts) for parts in zip(*out)]
+
+
+def features(net, batches, device):
+    """The judge's (features, logits) of batches of images holding uint8 values 0..255, in float64."""
+    return [f.double() for f in gather(batches, lambda x: net(x.to(device).float()))]
+
+
+# ----------------------------------------------------------------------------- the four evaluations
+
+
+@torch.no_grad()
+def recon(args, device):
+    """PSNR and SSIM of the float reconstructions of held-out images (as official), rFID (FD) of their uint8 values."""
+    tok = R.load_model(args.ckpt, "tokenizer").to(device).eval()
+    data = R.dataset_from_args(args, tok.cfg.img_size, train=False)
+    net, what = judge(args, tok.cfg.img_size, device)
+    metric_name(min(args.num_images or len(data), len(data)), args, what)  # refuses small FID before the work
+    ref = load_ref(args.ref_stats) if args.ref_stats else None
+
+    def step(batch):
+        img = batch[0].to(device)
+        with R.autocast(device):
+            rec = tok.reconstruct(img).float()                             # posterior mean -> [0, 1]
+        real = img * 0.5 + 0.5
+        f_rec, logits = net((rec * 255).to(torch.uint8).float())          # uint8 by truncation, as official
+        return (torch.stack([psnr(rec, real), ssim(rec, real)], 1), net(uint8_values(img))[0], f_rec,
+                logits.argmax(1).cpu() == batch[1])
+    loader = R.pass_loader(data, args.batch_size, args.workers, args.num_images, what="reconstruction")
+    scores, feats_real, feats_rec, correct = gather(tqdm(loader, desc="reconstructing"), step)
+    fd = checked_fd(feats_rec, ref or feature_stats(feats_real), args.ref_stats or "the originals")
+    n = len(correct)
+    print(f"reconstruction of {n} held-out images ({args.data_path or 'embedded shapes, seed 1'}), EMA weights")
+    print(f"  PSNR {scores[:, 0].mean():.2f} dB   SSIM {scores[:, 1].mean():.4f}   r{metric_name(n, args, what)} "
+          f"vs {os.path.basename(args.ref_stats) if args.ref_stats else 'the originals'}: {fd:.3f}")
+    if what != "FID":
+        print(f"  reconstructions classified as their class: {correct.float().mean():.1%}")
+    return {"psnr": scores[:, 0].mean().item(), "ssim": scores[:, 1].mean().item(), "fd": fd}
+
+
+@torch.no_grad()
+def stats(args, device):
+    """The reference mu and sigma of the Inception features of an image folder."""
+    data = R.ImageFolderSubset(args.data_path, args.img_size, args.num_classes, args.images_per_class)
+    net = load_inception(args.inception, args.fid_input).to(device)
+    loader = R.pass_loader(data, args.batch_size, args.workers, args.num_images, what="reference statistics")
+    pool = features(net, (uint8_values(b[0]) for b in tqdm(loader, desc="inception features") if b is not None),
+                    device)[0]
+    if len(pool) < 2:
+        raise ValueError(f"reference statistics need at least 2 readable images, got {len(pool)}")
+    mu, sigma = feature_stats(pool)
+    R.atomic_write(args.out, lambda f: np.savez(f, mu=mu, sigma=sigma))
+    print(f"reference statistics of {len(pool)} images ({args.data_path}, ADM crop {args.img_size}, "
+          f"{'torch-fidelity' if args.fid_input == 'tf1' else 'pytorch-fid'} input path) -> {args.out}")
+    return args.out
 
 
 @torch.no_grad()
 def gen(args, device):
+    """FID and IS of samples against reference statistics; on the shapes or MNIST-format data the judge's class
+    accuracy and FD against held-out real images."""
     idx = R.idx_folder(args.data_path) if args.data_path else None
     if args.shapes and args.data_path:
         raise ValueError("--shapes judges the embedded shapes; --data_path names other data: pass one")
@@ -400,14 +402,14 @@ def gen(args, device):
                          "--shapes, or --data_path MNIST_FOLDER")
     n, size = len(images), images.shape[1]
     real = R.Shapes(max(n, 1000), size, seed=1) if args.shapes else R.IdxImages(idx, "t10k", size) if idx else None
-    if real and labels is not None:
-        check_labels(labels, len(images), len(real.classes), args.samples)
+    if real and labels is not None and (labels.shape != (n,) or labels.min() < 0 or labels.max() >= len(real.classes)):
+        raise ValueError(f"{args.samples}: need one label per sample in [0, {len(real.classes) - 1}], "
+                         f"got {labels.shape} in [{labels.min()}, {labels.max()}]")
     ref = None if real else load_ref(args.ref_stats)
     net, what = judge(args, size, device)
     name = metric_name(n, args, what)                                      # refuses small FID before the work
-    batches = (torch.from_numpy(images[i: i + args.batch_size]).permute(0, 3, 1, 2).float()
-               for i in range(0, n, args.batch_size))
-    feats, logits = features(net, tqdm(batches, desc="features", total=-(-n // args.batch_size)), device)
+    batches = torch.from_numpy(images).permute(0, 3, 1, 2).split(args.batch_size)   # (B, 3, H, W) uint8
+    feats, logits = features(net, tqdm(batches, desc="features"), device)
     if what == "FID":
         fid, (is_mean, is_std) = checked_fd(feats, ref, args.ref_stats), inception_score(logits)
         print(f"{name} vs {os.path.basename(args.ref_stats)}: {fid:.3f}   IS: {is_mean:.2f} +- {is_std:.2f}")
@@ -415,26 +417,21 @@ def gen(args, device):
     real_feats = features(net, (uint8_values(x) for x, _ in torch.utils.data.DataLoader(real, 250)), device)[0]
     fd = checked_fd(feats, feature_stats(real_feats), f"{len(real)} held-out real images")
     acc = (logits.argmax(1).numpy() == labels).mean() if labels is not None else float("nan")
-    what_data = "embedded shapes" if args.shapes else idx
-    print(f"{what_data}, {n} samples: class accuracy {acc:.1%} (the judge's class vs the conditioning label)   "
-          f"{name} vs {len(real)} held-out real images: {fd:.3f}")
+    print(f"{'embedded shapes' if args.shapes else idx}, {n} samples: class accuracy {acc:.1%} (the judge's class "
+          f"vs the conditioning label)   {name} vs {len(real)} held-out real images: {fd:.3f}")
     return {"accuracy": float(acc), "fd": fd}
 
 
 @torch.no_grad()
 def latents_along_flow(tok, data, args, device, g, what):
-    """Token-averaged x_t = t mu + (1 - t) eps of the posterior mean (unnormalised, as FSD sees it) at every
-    probe t -> (len(ts), N, C), labels (N,)."""
-    feats, labels = [], []
-    for batch in tqdm(R.pass_loader(data, args.batch_size, args.workers, args.num_images, what=what), desc=what):
-        if batch is not None:
-            mu = tok.encode(batch[0].to(device))[0].cpu()                  # (B, L, C)
-            eps = torch.randn(mu.shape, generator=g)
-            feats.append(torch.stack([(t * mu + (1 - t) * eps).mean(1) for t in args.probe_ts]))
-            labels.append(batch[1])
-    if not feats:
-        raise ValueError(f"{what}: none of the images could be read")
-    return torch.cat(feats, 1), torch.cat(labels)
+    """Token-averaged x_t = t mu + (1 - t) eps of the posterior mean (unnormalised, as FSD sees it) -> [one (N, C)
+    per probe t, ..., labels (N,)]."""
+    def step(batch):
+        mu = tok.encode(batch[0].to(device))[0].cpu()                      # (B, L, C)
+        eps = torch.randn(mu.shape, generator=g)
+        return *[(t * mu + (1 - t) * eps).mean(1) for t in args.probe_ts], batch[1]
+    loader = R.pass_loader(data, args.batch_size, args.workers, args.num_images, what=what)
+    return gather(tqdm(loader, desc=what), step, f"{what}: none of the images could be read")
 
 
 @torch.no_grad()
@@ -462,8 +459,8 @@ def probe(args, device):
     val = (R.dataset_from_args(args, tok.cfg.img_size, train=False) if not args.val_path else
            R.ImageFolderSubset(args.val_path, tok.cfg.img_size, train.classes, args.images_per_class))
     g = torch.Generator().manual_seed(0)
-    train_x, train_y = latents_along_flow(tok, train, args, device, g, "probe train")
-    val_x, val_y = latents_along_flow(tok, val, args, device, g, "probe val")
+    *train_x, train_y = latents_along_flow(tok, train, args, device, g, "probe train")
+    *val_x, val_y = latents_along_flow(tok, val, args, device, g, "probe val")
     K = len(train.classes)
     if len(train_y) < 2 or not len(val_y):
         raise ValueError(f"a probe needs at least 2 training and 1 held-out readable images, got {len(train_y)} and "
