@@ -375,8 +375,7 @@ def stats(args, device):
     data = R.ImageFolderSubset(args.data_path, args.img_size, args.num_classes, args.images_per_class)
     net = load_inception(args.inception, args.fid_input).to(device)
     loader = R.pass_loader(data, args.batch_size, args.workers, args.num_images, what="reference statistics")
-    pool = features(net, (uint8_values(b[0]) for b in tqdm(loader, desc="inception features") if b is not None),
-                    device)[0]
+    pool = gather(tqdm(loader, desc="inception features"), lambda b: net(uint8_values(b[0]).to(device)))[0]
     if len(pool) < 2:
         raise ValueError(f"reference statistics need at least 2 readable images, got {len(pool)}")
     mu, sigma = feature_stats(pool)
