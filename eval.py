@@ -292,8 +292,8 @@ def load_ref(path):
         raise ValueError(f"reference statistics {path}: sigma is not symmetric, so it is no covariance")
     low, high = np.linalg.eigvalsh(sigma)[[0, -1]]
     if low < -1e-4 * max(high, 0.0):                                       # beyond float32 round-off
-        raise ValueError(f"reference statistics {path}: sigma has a negative eigenvalue ({low:.3g}), so it is no "
-                         "covariance")
+        raise ValueError(f"reference statistics {path}: sigma has a negative eigenvalue ({low:.3g}): it is not "
+                         "positive semi-definite, so it is no covariance")
     return mu, sigma
 
 
