@@ -51,7 +51,7 @@ def get_args(argv=None):
 
 
 def check_flags(args):
-    """Flag combinations that make no sense stop here, before any model is loaded."""
+    """Flag combinations that make no sense stop here, before any model is loaded. -> whether --out is a folder"""
     if args.cfg != 1.0 and args.autoguidance_ckpt:
         raise ValueError("choose one guidance: --cfg or --autoguidance_ckpt")
     if args.ag_scale is not None and not args.autoguidance_ckpt:
@@ -69,6 +69,7 @@ def check_flags(args):
     if old:                      # before torchrun's rendezvous: no rank has written a PNG of its own yet
         raise ValueError(f"--out {args.out} already holds {len(old)} PNG files, which eval.py gen would count as "
                          "samples of this run: choose an empty folder")
+    return folder
 
 
 def load_models(args, device):
@@ -141,7 +142,7 @@ def generate(dit, tok, noise, labels, grid, args, guidance, how, trajectory=None
 
 
 def main(args):
-    check_flags(args)
+    folder = check_flags(args)                                             # else a .png grid or an .npz
     rank, world, device = R.setup_distributed()
     dit, tok, bad = load_models(args, device)
     if bad:
@@ -158,7 +159,6 @@ def main(args):
     # Batches of consecutive indices, dealt round-robin over the ranks: the batches are the same on any number
     # of processes, so the images are too, bit for bit on the same device type.
     t_start, size = time.time(), tok.cfg.img_size
-    folder = not args.out.endswith((".png", ".npz"))                       # a folder of PNGs, one per image
     batches = torch.arange(N).split(args.batch_size)[rank::world]
     index, images = [torch.arange(0)], [np.empty((0, size, size, 3), np.uint8)]
     for idx in tqdm(batches, disable=rank != 0, desc="sampling"):
